@@ -1,0 +1,5 @@
+"""Lightning callbacks, one per method: thin shells that call the pure-torch cores from the right hooks."""
+
+from lightning_peft.callbacks.lora import LoRA
+
+__all__ = ["LoRA"]

@@ -1,0 +1,161 @@
+"""The ``LoRA`` callback: static low-rank adapters, the baseline every other method is compared with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from lightning_peft import distributed
+from lightning_peft.adapters import (
+    LoRAConfig,
+    adapter_layers,
+    adapter_state_dict,
+    count_parameters,
+    inject_adapters,
+    peft_config,
+    write_adapter,
+)
+from lightning_peft.adapters.lora import InitKind
+from lightning_peft.callbacks.backbone import resolve_backbone
+
+__all__ = ["LoRA"]
+
+
+class LoRA(Callback):
+    """Fine-tune the backbone of any ``LightningModule`` with LoRA adapters.
+
+    Hooks: ``setup`` injects the adapters and freezes the rest of the backbone, before
+    ``configure_optimizers`` runs and before the strategy wraps the model, so the optimizer and
+    DDP see only the trainable parameters; ``on_fit_start`` logs the parameter counts;
+    ``on_fit_end`` saves the adapter (peft format, safetensors) when ``save_dir`` is set.
+
+    On several ranks every rank injects the same layers with the same initialisation (the
+    strategy broadcasts rank 0's weights when it wraps the model); the adapter is gathered on every
+    rank and written by rank 0 only.
+
+    Args:
+        r: rank of each adapter (> 0).
+        alpha: scale numerator; the update is ``B @ A * alpha / r`` (> 0).
+        dropout: dropout on the adapter input, in [0, 1).
+        target_modules: which layers to adapt, relative to the backbone: a regex (``re.fullmatch``), a list of
+            names or dotted suffixes, or ``"all-linear"``. Default: the backbone family's preset.
+        exclude_modules: layers never adapted (same forms).
+        modules_to_save: backbone modules trained in full and saved with the adapter, e.g. ``["head"]``.
+        backbone: dotted attribute path of the backbone inside the ``LightningModule`` (``"model"``).
+            Default: the first submodule of a known family (timm ViT, diffusers UNet/DiT, transformers
+            Llama/GPT-2/AST/wav2vec2/Whisper), else the whole ``LightningModule``. Only the backbone is frozen;
+            parameters of the ``LightningModule`` outside it keep their ``requires_grad``.
+        init: ``"kaiming"`` (peft's default, starts as the identity), ``"gaussian"``, or ``"nonzero"`` (tests).
+        use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        save_dir: folder to write the trained adapter to at the end of fit (None: do not save).
+
+    Raises:
+        ValueError: on construction, for a rank, alpha or dropout out of range; in ``setup``, for targets that
+            match nothing (listing what could match), or a backbone path that does not exist.
+
+    Example:
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=[LoRA(r=8, alpha=16, modules_to_save=["head"])], logger=False)
+    """
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        target_modules: str | list[str] | None = None,
+        exclude_modules: str | list[str] | None = None,
+        modules_to_save: list[str] | None = None,
+        backbone: str | None = None,
+        init: InitKind = "kaiming",
+        use_rslora: bool = False,
+        save_dir: str | None = None,
+    ) -> None:
+        self.config = LoRAConfig(
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            target_modules=target_modules,
+            exclude_modules=exclude_modules,
+            modules_to_save=modules_to_save or [],
+            init=init,
+            use_rslora=use_rslora,
+        )
+        self.backbone = backbone
+        self.save_dir = save_dir
+        self._key = {"r": r, "target_modules": target_modules, "backbone": backbone}
+        self.adapted: list[str] = []
+        self.backbone_path: str = ""
+        self.saved_to: Path | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self._key)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        root, self.backbone_path, preset = resolve_backbone(pl_module, self.backbone)
+        if any(True for _ in adapter_layers(root)):  # a second fit/validate with the same module
+            return
+        config = self.config
+        if config.target_modules is None:
+            if preset is None:
+                raise ValueError(
+                    f"LoRA: no preset knows {type(root).__name__}, so target_modules must be given "
+                    "(a regex, a list of module names/suffixes, or 'all-linear')"
+                )
+            config = LoRAConfig(**{**config.to_dict(), "target_modules": list(preset.target_modules)})
+        self.adapted = inject_adapters(root, config)
+        self.config = config
+        trainable, total = count_parameters(root)
+        where = self.backbone_path or type(pl_module).__name__
+        rank_zero_info(
+            f"LoRA: adapted {len(self.adapted)} layers of {where} (r={config.r}, alpha={config.alpha:g}); "
+            f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
+        )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainable, total = count_parameters(pl_module)
+        stats = {"peft/trainable_params": trainable, "peft/total_params": total, "peft/adapted_layers": len(self.adapted)}
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"peft/method": "lora", "peft/r": self.config.r, "peft/alpha": self.config.alpha})
+            logger.log_metrics({k: float(v) for k, v in stats.items()}, step=trainer.global_step)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_dir is None:
+            return
+        root, _, _ = resolve_backbone(pl_module, self.backbone)
+        self.saved_to = self.save(root, self.save_dir)
+        if self.saved_to is not None:
+            rank_zero_info(f"LoRA: adapter saved to {self.saved_to.resolve()}")
+
+    def save(self, root: nn.Module, path: str | Path) -> Path | None:
+        """Gather the adapter on every rank (sharded parameters become full tensors) and write it from rank 0.
+
+        Must be called on all ranks. Returns the folder on rank 0, None elsewhere.
+        """
+        tensors = {k: distributed.full_tensor(v) for k, v in adapter_state_dict(root, self.config.modules_to_save).items()}
+        config = peft_config(root, self.config)
+        return distributed.rank_zero_only(write_adapter)(path, tensors, config)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "adapted": list(self.adapted), "backbone": self.backbone_path}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("config", {})
+        mine = self.config.to_dict()
+        differs = {k: (saved[k], mine[k]) for k in ("r", "alpha", "use_rslora") if k in saved and saved[k] != mine[k]}
+        if differs:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs callback {b!r}" for k, (a, b) in differs.items())
+            raise ValueError(f"LoRA: the checkpoint was trained with another adapter config ({detail}); resume with the same")

@@ -1,0 +1,72 @@
+"""Image classification with any timm model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import timm
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ImageClassifier"]
+
+
+class ImageClassifier(pl.LightningModule):
+    """A timm backbone with a classification head, trained with cross-entropy.
+
+    The backbone lives at ``self.model`` (the callbacks find it there by itself). Only parameters that
+    require grad are given to the optimizer, so a PEFT callback's freezing is respected.
+
+    Args:
+        model_name: a ``timm.create_model`` name, e.g. ``"vit_tiny_patch16_224"``.
+        num_classes: size of the new head.
+        pretrained: load timm's pretrained weights (needs the network or a local HF cache).
+        model_kwargs: extra ``timm.create_model`` arguments (``img_size``, ``patch_size``, ``in_chans``, ``depth``...).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+
+    Example:
+        >>> m = ImageClassifier("vit_tiny_patch16_224", num_classes=10, model_kwargs={"img_size": 8, "patch_size": 2,
+        ...     "in_chans": 1, "depth": 2})
+        >>> m(torch.zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_tiny_patch16_224",
+        num_classes: int = 10,
+        pretrained: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **(model_kwargs or {}))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        acc = (logits.argmax(-1) == y).float().mean()
+        self.log(f"{stage}_loss", loss, prog_bar=stage != "train", sync_dist=stage != "train")
+        self.log(f"{stage}_acc", acc, prog_bar=True, sync_dist=stage != "train")
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
