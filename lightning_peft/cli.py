@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 import lightning_peft.callbacks  # noqa: F401  (registers the callbacks' short names)
 
-__all__ = ["PeftCLI", "main"]
+__all__ = ["PeftCLI", "build_cli", "main"]
 
 
 class PeftCLI(LightningCLI):
@@ -29,16 +29,21 @@ class PeftCLI(LightningCLI):
             rank_zero_info("final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
 
 
-def main(args: list[str] | None = None) -> PeftCLI:
-    """Entry point of the ``lightning-peft`` console script.
+def build_cli(args: list[str] | None = None, run: bool = True) -> PeftCLI:
+    """Parse ``args`` (default ``sys.argv[1:]``) and, with ``run``, execute the subcommand; returns the CLI.
 
-    Args:
-        args: command-line arguments (default ``sys.argv[1:]``).
+    With ``run=False`` the arguments are the config only (no subcommand), and the trainer, model and
+    data module are built but nothing runs: what the tests use to check that a recipe parses.
     """
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     kwargs: dict[str, Any] = {"parser_mode": "omegaconf"}
-    return PeftCLI(parser_kwargs=kwargs, save_config_kwargs={"overwrite": True}, args=args)
+    return PeftCLI(parser_kwargs=kwargs, save_config_kwargs={"overwrite": True}, args=args, run=run)
+
+
+def main() -> None:
+    """Entry point of the ``lightning-peft`` console script."""
+    build_cli()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -93,11 +93,11 @@ def broadcast_tensor(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
 
 def all_reduce(tensor: torch.Tensor, op: Literal["sum", "mean", "max", "min"] = "sum") -> torch.Tensor:
     """Combine ``tensor`` across ranks in place (``mean`` divides the sum by the world size); returns it."""
+    if op not in ("sum", "mean", "max", "min"):
+        raise ValueError(f"op must be one of 'sum', 'mean', 'max', 'min', got {op!r}")
     if not is_distributed():
         return tensor
     ops = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-    if op not in ops:
-        raise ValueError(f"op must be one of {sorted(ops)}, got {op!r}")
     device = _backend_device()
     buf = tensor if tensor.device == device else tensor.to(device)
     dist.all_reduce(buf, op=ops[op])

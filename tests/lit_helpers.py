@@ -1,0 +1,59 @@
+"""A LightningModule around any tiny model of ``tiny_models``, with deterministic synthetic batches."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from tiny_models import FAMILIES, example_inputs, forward
+from torch.utils.data import DataLoader, Dataset
+
+
+class SeedDataset(Dataset):
+    """Item ``i`` is the seed of batch ``i``; the module turns it into model inputs (any family)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class FamilyModule(pl.LightningModule):
+    """``self.model`` is ``FAMILIES[name]``; the loss drives its output towards zero (every layer gets a gradient)."""
+
+    def __init__(self, name: str = "vit", seed: int = 0, lr: float = 1e-2, n_batches: int = 8) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = FAMILIES[name](seed=seed)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        out = torch.cat([forward(self.hparams.name, self.model, batch=2, seed=int(s)) for s in batch])
+        loss = out.float().pow(2).mean()
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        out = forward(self.hparams.name, self.model, batch=2, seed=1000 + int(batch[0]))
+        self.log("val_loss", out.float().pow(2).mean(), sync_dist=True)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(SeedDataset(self.hparams.n_batches), batch_size=1, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(SeedDataset(2), batch_size=1)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
+
+
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    """A CPU trainer with no progress bar, summary, logger or checkpointing unless asked for."""
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+__all__ = ["FamilyModule", "SeedDataset", "example_inputs", "quiet_trainer"]
