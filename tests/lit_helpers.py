@@ -51,8 +51,14 @@ class FamilyModule(pl.LightningModule):
 
 def quiet_trainer(**kwargs) -> pl.Trainer:
     """A CPU trainer with no progress bar, summary, logger or checkpointing unless asked for."""
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     return pl.Trainer(**{**defaults, **kwargs})
 
 

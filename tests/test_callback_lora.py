@@ -26,7 +26,7 @@ def _moved_key(key: str, callback: LoRA) -> str:
     for layer in callback.adapted:
         prefix = f"{root}{layer}."
         if key.startswith(prefix):
-            return f"{prefix}base_layer.{key[len(prefix):]}"
+            return f"{prefix}base_layer.{key[len(prefix) :]}"
     return key
 
 
@@ -38,8 +38,14 @@ def _targets(name: str) -> list[str] | None:
 def test_fit_trains_only_the_adapters(name: str, tmp_path) -> None:
     module = FamilyModule(name, n_batches=3)
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    callback = LoRA(r=4, alpha=8, init="gaussian", target_modules=_targets(name), backbone="model",
-                    save_dir=str(tmp_path / "adapter"))
+    callback = LoRA(
+        r=4,
+        alpha=8,
+        init="gaussian",
+        target_modules=_targets(name),
+        backbone="model",
+        save_dir=str(tmp_path / "adapter"),
+    )
     trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[callback])
     trainer.fit(module)
 
@@ -64,8 +70,9 @@ def test_resume_continues_exactly(tmp_path) -> None:
         callbacks = [LoRA(r=4, alpha=8)]  # no dropout: Lightning does not checkpoint the global RNG
         if save:
             callbacks.append(ModelCheckpoint(dirpath=tmp_path, filename="last", save_last=False))
-        trainer = quiet_trainer(max_epochs=max_epochs, limit_val_batches=0, callbacks=callbacks,
-                                enable_checkpointing=save)
+        trainer = quiet_trainer(
+            max_epochs=max_epochs, limit_val_batches=0, callbacks=callbacks, enable_checkpointing=save
+        )
         trainer.fit(module, ckpt_path=ckpt_path)
         assert trainer.global_step == 4 * max_epochs
         return lora_state(module)

@@ -29,10 +29,21 @@ def test_recipe_parses_and_instantiates(recipe: Path, monkeypatch, tmp_path) -> 
 
 def test_quickstart_runs_with_interpolated_paths(monkeypatch, tmp_path) -> None:
     monkeypatch.chdir(tmp_path)
-    args = ["fit", "--config", str(ROOT / "examples/quickstart.yaml"), "--trainer.max_epochs", "1",
-            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-            "--trainer.enable_progress_bar", "false",
-            "--model.init_args.model_kwargs", "{img_size: 8, patch_size: 4, in_chans: 1, depth: 1}"]
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / "examples/quickstart.yaml"),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--model.init_args.model_kwargs",
+        "{img_size: 8, patch_size: 4, in_chans: 1, depth: 1}",
+    ]
     cli = build_cli(args)
     lora = next(cb for cb in cli.trainer.callbacks if isinstance(cb, LoRA))
     # save_dir is ${trainer.default_root_dir}/adapter in the recipe: omegaconf interpolation resolved it
@@ -44,7 +55,12 @@ def test_quickstart_runs_with_interpolated_paths(monkeypatch, tmp_path) -> None:
 
 def test_console_script_help() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "lightning_peft.cli", "fit", "--help"], capture_output=True, text=True,
-                         env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_peft.cli", "fit", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--trainer.callbacks" in out.stdout

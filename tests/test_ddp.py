@@ -17,8 +17,14 @@ SCRIPTS = Path(__file__).parent / "scripts"
 
 def run_script(name: str, out: Path, timeout: int = 300) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(SCRIPTS / name), str(out)], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=SCRIPTS.parents[1])
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / name), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=SCRIPTS.parents[1],
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 

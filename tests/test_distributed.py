@@ -54,8 +54,17 @@ def _worker(rank: int, port: int, out: dict) -> None:
         mx = distributed.all_reduce(torch.tensor([rank + 1.0]), "max")
         g = torch.randperm(50, generator=distributed.seeded_generator(3, 9)).tolist()
         ran = distributed.rank_zero_only(lambda: "ran")()
-        out[rank] = {"obj": obj, "t": t.tolist(), "s": s.item(), "m": m.item(), "mx": mx.item(), "g": g, "ran": ran,
-                     "rank": distributed.get_rank(), "world": distributed.get_world_size()}
+        out[rank] = {
+            "obj": obj,
+            "t": t.tolist(),
+            "s": s.item(),
+            "m": m.item(),
+            "mx": mx.item(),
+            "g": g,
+            "ran": ran,
+            "rank": distributed.get_rank(),
+            "world": distributed.get_world_size(),
+        }
         distributed.barrier()
     finally:
         dist.destroy_process_group()

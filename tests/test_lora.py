@@ -207,8 +207,15 @@ def test_save_is_atomic(tmp_path, monkeypatch) -> None:
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"r": 0}, "rank"), ({"r": -2}, "rank"), ({"r": 2.5}, "rank"), ({"alpha": 0}, "alpha"),
-     ({"dropout": 1.0}, "dropout"), ({"dropout": -0.1}, "dropout"), ({"init": "zeros"}, "init")],
+    [
+        ({"r": 0}, "rank"),
+        ({"r": -2}, "rank"),
+        ({"r": 2.5}, "rank"),
+        ({"alpha": 0}, "alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": -0.1}, "dropout"),
+        ({"init": "zeros"}, "init"),
+    ],
 )
 def test_bad_config(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -30,8 +30,9 @@ def test_peft_loads_our_adapter(name: str, tmp_path) -> None:
 def test_we_load_a_peft_adapter(name: str, tmp_path) -> None:
     base = FAMILIES[name](seed=0)
     targets = list(default_target_modules(base))
-    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                           init_lora_weights=False))
+    peft_model = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    )
     reference = forward(name, peft_model.eval())
     peft_model.save_pretrained(tmp_path)
     ours = FAMILIES[name](seed=0)

@@ -47,7 +47,9 @@ def _check_modules_to_save(model: nn.Module, names: list[str]) -> None:
     missing = [n for n in names if n not in existing]
     if missing:
         tops = ", ".join(n for n, _ in model.named_children())
-        raise ValueError(f"modules_to_save {missing} not found in {type(model).__name__}; top-level modules are: {tops}")
+        raise ValueError(
+            f"modules_to_save {missing} not found in {type(model).__name__}; top-level modules are: {tops}"
+        )
 
 
 def inject_adapters(model: nn.Module, config: LoRAConfig, freeze: bool = True) -> list[str]:
@@ -75,11 +77,15 @@ def inject_adapters(model: nn.Module, config: LoRAConfig, freeze: bool = True) -
         ['0']
     """
     if any(True for _ in adapter_layers(model)):
-        raise ValueError(f"{type(model).__name__} already has LoRA layers; call remove_adapters() before injecting again")
+        raise ValueError(
+            f"{type(model).__name__} already has LoRA layers; call remove_adapters() before injecting again"
+        )
     match = match_targets(model, config.target_modules, config.exclude_modules)
     _check_modules_to_save(model, config.modules_to_save)
     modules = dict(model.named_modules())
-    layers = {name: _new_layer(modules[name], config) for name in match.matched}  # may raise TypeError: nothing changed yet
+    layers = {
+        name: _new_layer(modules[name], config) for name in match.matched
+    }  # may raise TypeError: nothing changed yet
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
     if freeze:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -99,25 +99,30 @@ class LoRALayer(nn.Module):
         ((2, 4), (3, 2))
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float = 0.0, init: InitKind = "kaiming"):
+    def __init__(
+        self, base_layer: nn.Module, r: int, scaling: float, dropout: float = 0.0, init: InitKind = "kaiming"
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.r = r
         self.scaling = scaling
         self.kind = _kind(base_layer)
-        weight = base_layer.weight
+        weight = self._base_weight()
+        shape = tuple(weight.shape)
+        a_shape: tuple[int, ...]
+        b_shape: tuple[int, ...]
         if self.kind == "linear":
-            out_f, in_f = weight.shape
-            a_shape, b_shape = (r, in_f), (out_f, r)
+            a_shape, b_shape = (r, shape[1]), (shape[0], r)
         elif self.kind == "conv1d":  # transformers Conv1D stores (in, out)
-            in_f, out_f = weight.shape
-            a_shape, b_shape = (r, in_f), (out_f, r)
+            a_shape, b_shape = (r, shape[0]), (shape[1], r)
         else:
-            out_c, in_c, kh, kw = weight.shape
-            a_shape, b_shape = (r, in_c, kh, kw), (out_c, r, 1, 1)
-        factory = {"device": weight.device, "dtype": weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))
-        self.lora_B = nn.Parameter(torch.empty(b_shape, **factory))
+            a_shape, b_shape = (r, *shape[1:]), (shape[0], r, 1, 1)
+        # stride, padding, dilation of the base conv, read once (not on every forward)
+        self._conv: tuple[Any, Any, Any] | None = None
+        if isinstance(base_layer, nn.Conv2d):
+            self._conv = (base_layer.stride, base_layer.padding, base_layer.dilation)
+        self.lora_A = nn.Parameter(torch.empty(a_shape, device=weight.device, dtype=weight.dtype))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, device=weight.device, dtype=weight.dtype))
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
@@ -140,32 +145,37 @@ class LoRALayer(nn.Module):
         if self.merged or self.disabled:
             return out
         x = self.lora_dropout(x)
-        if self.kind == "conv2d":
-            base = self.base_layer
-            h = F.conv2d(x, self.lora_A, None, base.stride, base.padding, base.dilation)
+        if self._conv is not None:
+            h = F.conv2d(x, self.lora_A, None, *self._conv)
             return out + F.conv2d(h * self.scaling, self.lora_B)
         return out + F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
-        """``B @ A * scaling`` shaped like ``base_layer.weight`` (computed in float32, returned in the weight's dtype)."""
+        """``B @ A * scaling`` shaped like the base weight (computed in float32, returned in the weight's dtype)."""
         a, b = self.lora_A.float(), self.lora_B.float()
         delta = (b.flatten(1) @ a.flatten(1)) * self.scaling
         if self.kind == "conv1d":
             delta = delta.T
-        return delta.reshape(self.base_layer.weight.shape).to(self.base_layer.weight.dtype)
+        weight = self._base_weight()
+        return delta.reshape(weight.shape).to(weight.dtype)
+
+    def _base_weight(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight
 
     @torch.no_grad()
     def merge(self) -> None:
         """Add the update into the base weight; the forward then costs only the base layer. Idempotent."""
         if not self.merged:
-            self.base_layer.weight.add_(self.delta_weight())
+            self._base_weight().add_(self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Exact inverse of :meth:`merge` (within floating-point rounding of the weight's dtype). Idempotent."""
         if self.merged:
-            self.base_layer.weight.sub_(self.delta_weight())
+            self._base_weight().sub_(self.delta_weight())
             self.merged = False
 
     def extra_repr(self) -> str:

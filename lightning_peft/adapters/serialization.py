@@ -96,9 +96,7 @@ def peft_config(model: nn.Module, config: LoRAConfig, base_model: str | None = N
     }
 
 
-def save_adapter(
-    model: nn.Module, path: str | os.PathLike, config: LoRAConfig, base_model: str | None = None
-) -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike, config: LoRAConfig, base_model: str | None = None) -> Path:
     """Write the adapter of ``model`` to the folder ``path`` (created if needed), atomically.
 
     Args:
@@ -113,7 +111,9 @@ def save_adapter(
     Raises:
         ValueError: the model has no LoRA layers.
     """
-    return write_adapter(path, adapter_state_dict(model, config.modules_to_save), peft_config(model, config, base_model))
+    return write_adapter(
+        path, adapter_state_dict(model, config.modules_to_save), peft_config(model, config, base_model)
+    )
 
 
 def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
@@ -145,7 +145,8 @@ def _weights_file(path: Path) -> Path:
     if path.suffix != ".safetensors":
         raise ValueError(
             f"{path} is not a .safetensors file; lightning-peft loads adapters from safetensors only and never "
-            "unpickles .bin/.pt files. Convert it, e.g. safetensors.torch.save_file(torch.load(f, weights_only=True), out)."
+            "unpickles .bin/.pt files. Convert a file you trust with "
+            "safetensors.torch.save_file(torch.load(f, weights_only=True), out)."
         )
     return path
 
@@ -184,7 +185,9 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(file), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     except SafetensorError as err:
-        raise ValueError(f"{file} is not a valid safetensors file ({err}); re-save the adapter with save_adapter") from err
+        raise ValueError(
+            f"{file} is not a valid safetensors file ({err}); re-save the adapter with save_adapter"
+        ) from err
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> LoRAConfig | None:
@@ -264,7 +267,9 @@ def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], modules_to_sa
     if strict:
         missing = [k for k in expected if k not in tensors]
         if missing:
-            raise AdapterMismatchError(f"the adapter lacks {len(missing)} tensor(s) the model has, first {missing[0]!r}")
+            raise AdapterMismatchError(
+                f"the adapter lacks {len(missing)} tensor(s) the model has, first {missing[0]!r}"
+            )
     with torch.no_grad():
         for key, value in tensors.items():
             expected[key].copy_(value.to(expected[key].dtype))

@@ -22,7 +22,15 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-__all__ = ["TargetMatch", "TargetNotFoundError", "dry_run", "is_supported_layer", "match_targets", "name_matches"]
+__all__ = [
+    "TargetMatch",
+    "TargetNotFoundError",
+    "dry_run",
+    "is_conv1d",
+    "is_supported_layer",
+    "match_targets",
+    "name_matches",
+]
 
 Targets = str | Sequence[str] | None
 
@@ -32,7 +40,7 @@ class TargetNotFoundError(ValueError):
 
 
 def is_conv1d(module: nn.Module) -> bool:
-    """``transformers.pytorch_utils.Conv1D`` (GPT-2's linear with a transposed weight), without importing transformers."""
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's transposed linear), without importing transformers."""
     cls = type(module)
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
 
@@ -128,11 +136,8 @@ def match_targets(model: nn.Module, target_modules: Targets, exclude_modules: Ta
     for name, module in model.named_modules():
         if not name:
             continue
-        if all_linear:
-            hit = isinstance(module, nn.Linear) or is_conv1d(module)
-        else:
-            hit = name_matches(name, target_modules)
-        if not hit:
+        linear = isinstance(module, nn.Linear) or is_conv1d(module)
+        if not (linear if all_linear else name_matches(name, target_modules)):
             continue
         if not isinstance(target_modules, str):
             used.update(t for t in target_modules if name == t or name.endswith("." + t))
@@ -157,7 +162,9 @@ def _not_found_message(model: nn.Module, targets: Targets, exclude: Targets, res
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
     msg = [f"target_modules={targets!r} matched no adaptable layer of {type(model).__name__}."]
     if result.skipped:
-        msg.append("It matched only modules of unsupported types: " + ", ".join(f"{n} ({t})" for n, t in result.skipped[:10]))
+        msg.append(
+            "It matched only modules of unsupported types: " + ", ".join(f"{n} ({t})" for n, t in result.skipped[:10])
+        )
     if result.excluded:
         msg.append(f"These matched but are excluded by exclude_modules={exclude!r}: {', '.join(result.excluded[:10])}")
     if candidates:
@@ -179,4 +186,3 @@ def dry_run(model: nn.Module, target_modules: Targets, exclude_modules: Targets 
           0  (Linear)
     """
     return match_targets(model, target_modules, exclude_modules).summary()
-

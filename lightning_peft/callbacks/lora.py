@@ -124,7 +124,11 @@ class LoRA(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainable, total = count_parameters(pl_module)
-        stats = {"peft/trainable_params": trainable, "peft/total_params": total, "peft/adapted_layers": len(self.adapted)}
+        stats = {
+            "peft/trainable_params": trainable,
+            "peft/total_params": total,
+            "peft/adapted_layers": len(self.adapted),
+        }
         for logger in trainer.loggers:
             logger.log_hyperparams({"peft/method": "lora", "peft/r": self.config.r, "peft/alpha": self.config.alpha})
             logger.log_metrics({k: float(v) for k, v in stats.items()}, step=trainer.global_step)
@@ -143,7 +147,9 @@ class LoRA(Callback):
 
         Must be called on all ranks. Returns the folder on rank 0, None elsewhere.
         """
-        tensors = {k: distributed.full_tensor(v) for k, v in adapter_state_dict(root, self.config.modules_to_save).items()}
+        tensors = {
+            k: distributed.full_tensor(v) for k, v in adapter_state_dict(root, self.config.modules_to_save).items()
+        }
         config = peft_config(root, self.config)
         return distributed.rank_zero_only(write_adapter)(path, tensors, config)
 
@@ -158,4 +164,6 @@ class LoRA(Callback):
         differs = {k: (saved[k], mine[k]) for k in ("r", "alpha", "use_rslora") if k in saved and saved[k] != mine[k]}
         if differs:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs callback {b!r}" for k, (a, b) in differs.items())
-            raise ValueError(f"LoRA: the checkpoint was trained with another adapter config ({detail}); resume with the same")
+            raise ValueError(
+                f"LoRA: the checkpoint was trained with another adapter config ({detail}); resume with the same"
+            )

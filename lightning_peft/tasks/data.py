@@ -42,6 +42,8 @@ class DigitsDataModule(pl.LightningDataModule):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         self.save_hyperparameters()
+        self.batch_size, self.val_fraction, self.num_workers = batch_size, val_fraction, num_workers
+        self.image_size, self.channels, self.seed = image_size, channels, seed
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
 
@@ -52,30 +54,34 @@ class DigitsDataModule(pl.LightningDataModule):
             from sklearn.datasets import load_digits
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError("DigitsDataModule needs scikit-learn: pip install scikit-learn") from err
-        hp = self.hparams
         digits = load_digits()
         x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
         x = (x - 0.5) / 0.5
-        if hp.image_size != 8:
-            x = F.interpolate(x, size=(hp.image_size, hp.image_size), mode="bilinear", align_corners=False)
-        x = x.repeat(1, hp.channels, 1, 1)
+        if self.image_size != 8:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        x = x.repeat(1, self.channels, 1, 1)
         y = torch.tensor(digits.target, dtype=torch.long)
-        gen = torch.Generator().manual_seed(hp.seed)
+        gen = torch.Generator().manual_seed(self.seed)
         val_idx, train_idx = [], []
         for c in range(10):  # stratified split
             idx = torch.nonzero(y == c).flatten()
             idx = idx[torch.randperm(len(idx), generator=gen)]
-            n_val = round(len(idx) * hp.val_fraction)
+            n_val = round(len(idx) * self.val_fraction)
             val_idx.append(idx[:n_val])
             train_idx.append(idx[n_val:])
         tr, va = torch.cat(train_idx), torch.cat(val_idx)
         self.train_set, self.val_set = TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va])
 
+    def _loader(self, dataset: TensorDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("DigitsDataModule.setup() has not run; the Trainer calls it before loading data")
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers)
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, num_workers=self.hparams.num_workers)
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=256, num_workers=self.hparams.num_workers)
+        return self._loader(self.val_set, 256, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

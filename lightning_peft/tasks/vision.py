@@ -44,7 +44,9 @@ class ImageClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **(model_kwargs or {}))
+        self.lr, self.weight_decay = lr, weight_decay
+        kwargs = model_kwargs or {}
+        self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -69,4 +71,4 @@ class ImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)

@@ -45,8 +45,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(int(os.environ.get("LOCAL_RANK", "0")))  # different adapter init on each rank
     module = FamilyModule("vit", n_batches=8, lr=5e-2)
-    callbacks = [LoRA(r=4, alpha=8, init="nonzero", modules_to_save=["head"], save_dir=str(out / "adapter")),
-                 Record(out)]
+    callbacks = [
+        LoRA(r=4, alpha=8, init="nonzero", modules_to_save=["head"], save_dir=str(out / "adapter")),
+        Record(out),
+    ]
     trainer = quiet_trainer(strategy="ddp", devices=2, max_epochs=2, limit_val_batches=0, callbacks=callbacks)
     trainer.fit(module)
     if dist.is_initialized():

@@ -1,0 +1,31 @@
+# Two commands on a fresh machine (Python >= 3.10; the venv is created on first use):
+#   make quickstart   fine-tune a ViT on scikit-learn's digits with LoRA (offline, CPU, well under 2 minutes)
+#   make test         the whole test suite (the same command CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: venv quickstart test lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+quickstart: $(BIN)/.installed
+	$(BIN)/lightning-peft fit --config examples/quickstart.yaml --trainer.enable_progress_bar false
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check lightning_peft tests benchmarks
+	$(BIN)/mypy lightning_peft
+
+clean:
+	rm -rf $(VENV) runs lightning_logs .pytest_cache
