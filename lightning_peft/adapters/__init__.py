@@ -33,12 +33,15 @@ from lightning_peft.adapters.serialization import (
     save_adapter,
     write_adapter,
 )
+from lightning_peft.adapters.svd import AdaLoRAConfig, SVDLoRALayer
 from lightning_peft.adapters.targeting import TargetMatch, TargetNotFoundError, dry_run, match_targets
 
 __all__ = [
+    "AdaLoRAConfig",
     "AdapterMismatchError",
     "LoRAConfig",
     "LoRALayer",
+    "SVDLoRALayer",
     "TargetMatch",
     "TargetNotFoundError",
     "adapter_layers",

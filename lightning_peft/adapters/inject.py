@@ -83,18 +83,13 @@ def inject_adapters(model: nn.Module, config: LoRAConfig, freeze: bool = True) -
     match = match_targets(model, config.target_modules, config.exclude_modules)
     _check_modules_to_save(model, config.modules_to_save)
     modules = dict(model.named_modules())
-    layers = {
-        name: _new_layer(modules[name], config) for name in match.matched
-    }  # may raise TypeError: nothing changed yet
+    # Build every layer first: a TypeError (unsupported layer) leaves the model unchanged.
+    layers = {name: config.make_layer(modules[name]) for name in match.matched}
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
     if freeze:
         mark_trainable(model, config.modules_to_save)
     return match.matched
-
-
-def _new_layer(base: nn.Module, config: LoRAConfig) -> LoRALayer:
-    return LoRALayer(base, r=config.r, scaling=config.scaling, dropout=config.dropout, init=config.init)
 
 
 def mark_trainable(model: nn.Module, modules_to_save: list[str] | tuple[str, ...] = ()) -> None:

@@ -79,6 +79,10 @@ class LoRAConfig:
         """Plain JSON-able dict of the fields."""
         return asdict(self)
 
+    def make_layer(self, base_layer: nn.Module) -> LoRALayer:
+        """The adapter layer this config puts around ``base_layer`` (a subclass config may return another kind)."""
+        return LoRALayer(base_layer, r=self.r, scaling=self.scaling, dropout=self.dropout, init=self.init)
+
 
 class LoRALayer(nn.Module):
     """``base(x) + B(A(dropout(x))) * scaling`` around a frozen ``nn.Linear``, ``nn.Conv2d`` or ``Conv1D``.
@@ -121,12 +125,15 @@ class LoRALayer(nn.Module):
         self._conv: tuple[Any, Any, Any] | None = None
         if isinstance(base_layer, nn.Conv2d):
             self._conv = (base_layer.stride, base_layer.padding, base_layer.dilation)
-        self.lora_A = nn.Parameter(torch.empty(a_shape, device=weight.device, dtype=weight.dtype))
-        self.lora_B = nn.Parameter(torch.empty(b_shape, device=weight.device, dtype=weight.dtype))
+        self._make_parameters(a_shape, b_shape, weight)
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
         self.reset_parameters(init)
+
+    def _make_parameters(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], weight: torch.Tensor) -> None:
+        self.lora_A = nn.Parameter(torch.empty(a_shape, device=weight.device, dtype=weight.dtype))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, device=weight.device, dtype=weight.dtype))
 
     @torch.no_grad()
     def reset_parameters(self, init: InitKind = "kaiming") -> None:

@@ -27,6 +27,7 @@ from torch import nn
 
 from lightning_peft.adapters.inject import adapter_layers, inject_adapters, remove_adapters
 from lightning_peft.adapters.lora import LoRAConfig
+from lightning_peft.adapters.svd import AdaLoRAConfig, SVDLoRALayer
 from lightning_peft.fileio import staged_dir
 
 __all__ = [
@@ -59,6 +60,11 @@ def adapter_state_dict(model: nn.Module, modules_to_save: list[str] | tuple[str,
     """
     out: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(model):
+        if isinstance(layer, SVDLoRALayer):  # peft's AdaLoRA keeps raw Parameters: no ".weight"
+            out[f"{_PREFIX}{name}.lora_A"] = layer.lora_A.detach()
+            out[f"{_PREFIX}{name}.lora_B"] = layer.lora_B.detach()
+            out[f"{_PREFIX}{name}.lora_E"] = layer.lora_E.detach()
+            continue
         out[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
         out[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
     for module_name in modules_to_save:
@@ -72,7 +78,7 @@ def adapter_state_dict(model: nn.Module, modules_to_save: list[str] | tuple[str,
 def peft_config(model: nn.Module, config: LoRAConfig, base_model: str | None = None) -> dict:
     """The peft ``adapter_config.json`` content describing ``model``'s LoRA layers."""
     layers = dict(adapter_layers(model))
-    return {
+    out = {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": base_model,
@@ -94,6 +100,27 @@ def peft_config(model: nn.Module, config: LoRAConfig, base_model: str | None = N
         "layers_pattern": None,
         "revision": None,
     }
+    if isinstance(config, AdaLoRAConfig):
+        if config.total_step is None:
+            raise ValueError("an AdaLoRA adapter is exported with its total_step; set config.total_step first")
+        out.update(
+            peft_type="ADALORA",
+            init_r=config.r,
+            target_r=config.target_r,
+            tinit=config.tinit,
+            tfinal=config.tfinal,
+            deltaT=config.deltaT,
+            beta1=config.beta1,
+            beta2=config.beta2,
+            orth_reg_weight=config.orth_reg_weight,
+            total_step=config.total_step,
+            rank_pattern={
+                f"{name}.lora_E": layer.kept
+                for name, layer in layers.items()
+                if isinstance(layer, SVDLoRALayer) and layer.kept is not None
+            },
+        )
+    return out
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, config: LoRAConfig, base_model: str | None = None) -> Path:
@@ -122,10 +149,10 @@ def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], con
     The lower half of :func:`save_adapter`, for callers that gather the tensors themselves (e.g. from
     sharded parameters on several ranks) and write from one rank.
     """
-    if not any(k.endswith(".lora_A.weight") for k in tensors):
+    if not _layer_names(tensors):
         raise ValueError("no LoRA tensors to save; inject adapters first")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    metadata = {"format": "pt", "library": "lightning-peft", "method": "lora"}
+    metadata = {"format": "pt", "library": "lightning-peft", "method": str(config.get("peft_type", "LORA")).lower()}
     with staged_dir(path) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=metadata)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -161,23 +188,33 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
 
 
 def config_from_peft(cfg: dict) -> LoRAConfig:
-    """A :class:`LoRAConfig` that re-creates the layers described by a peft LoRA ``adapter_config.json``."""
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"adapter_config.json has peft_type={cfg.get('peft_type')!r}; expected 'LORA'")
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("use_dora"):
-        raise ValueError("rank_pattern, alpha_pattern and DoRA adapters are not supported by the LoRA loader yet")
-    targets = cfg["target_modules"]
-    if isinstance(targets, list):  # exact names as we save them, or peft suffixes: both are peft list semantics
-        targets = list(targets)
-    return LoRAConfig(
-        r=int(cfg["r"]),
-        alpha=float(cfg["lora_alpha"]),
-        dropout=float(cfg.get("lora_dropout") or 0.0),
-        target_modules=targets,
-        exclude_modules=cfg.get("exclude_modules"),
-        modules_to_save=list(cfg.get("modules_to_save") or []),
-        use_rslora=bool(cfg.get("use_rslora", False)),
-    )
+    """A config that re-creates the layers described by a peft LoRA or AdaLoRA ``adapter_config.json``."""
+    kind = cfg.get("peft_type")
+    if kind not in ("LORA", "ADALORA"):
+        raise ValueError(f"adapter_config.json has peft_type={kind!r}; lightning-peft loads 'LORA' and 'ADALORA'")
+    if cfg.get("alpha_pattern") or cfg.get("use_dora") or (kind == "LORA" and cfg.get("rank_pattern")):
+        raise ValueError("rank_pattern/alpha_pattern LoRA and DoRA adapters are not supported by the loader yet")
+    common = {
+        "alpha": float(cfg["lora_alpha"]),
+        "dropout": float(cfg.get("lora_dropout") or 0.0),
+        "target_modules": cfg["target_modules"],
+        "exclude_modules": cfg.get("exclude_modules"),
+        "modules_to_save": list(cfg.get("modules_to_save") or []),
+    }
+    if kind == "ADALORA":
+        return AdaLoRAConfig(
+            r=int(cfg["init_r"]),
+            target_r=int(cfg["target_r"]),
+            tinit=int(cfg.get("tinit", 0)),
+            tfinal=int(cfg.get("tfinal", 0)),
+            deltaT=int(cfg.get("deltaT", 1)),
+            beta1=float(cfg.get("beta1", 0.85)),
+            beta2=float(cfg.get("beta2", 0.85)),
+            orth_reg_weight=float(cfg.get("orth_reg_weight", 0.5)),
+            total_step=cfg.get("total_step"),
+            **common,
+        )
+    return LoRAConfig(r=int(cfg["r"]), use_rslora=bool(cfg.get("use_rslora", False)), **common)
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -219,6 +256,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
         exact = "|".join(re.escape(n) for n in _layer_names(tensors))
         injected.target_modules = f"(?:{exact})"
         inject_adapters(model, injected, freeze=False)
+        _apply_rank_pattern(model, read_adapter_config(path).get("rank_pattern") or {})
         modules_to_save = injected.modules_to_save
     else:
         config_file = (path if path.is_dir() else path.parent) / ADAPTER_CONFIG
@@ -236,9 +274,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
 def _layer_names(tensors: dict[str, torch.Tensor]) -> list[str]:
     names = []
     for key in tensors:
-        if key.endswith(".lora_A.weight"):
-            names.append(key[len(_PREFIX) : -len(".lora_A.weight")])
+        for suffix in (".lora_A.weight", ".lora_A"):
+            if key.endswith(suffix):
+                names.append(key[len(_PREFIX) : -len(suffix)])
     return names
+
+
+def _apply_rank_pattern(model: nn.Module, rank_pattern: dict[str, list[bool]]) -> None:
+    """Shrink freshly injected SVD layers to the triplets an AdaLoRA adapter kept (peft's ``rank_pattern``)."""
+    for key, pattern in rank_pattern.items():
+        layer = model.get_submodule(key.removesuffix(".lora_E"))
+        if not isinstance(layer, SVDLoRALayer) or len(pattern) != layer.r:
+            raise AdapterMismatchError(f"rank_pattern entry {key!r} does not fit the model's adapter layer")
+        layer.shrink(torch.tensor(pattern, dtype=torch.bool))
 
 
 def _check_layers_exist(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

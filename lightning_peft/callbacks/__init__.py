@@ -1,5 +1,6 @@
 """Lightning callbacks, one per method: thin shells that call the pure-torch cores from the right hooks."""
 
+from lightning_peft.callbacks.adalora import AdaLoRA
 from lightning_peft.callbacks.lora import LoRA
 
-__all__ = ["LoRA"]
+__all__ = ["AdaLoRA", "LoRA"]

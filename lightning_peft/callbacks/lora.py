@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ class LoRA(Callback):
         use_rslora: bool = False,
         save_dir: str | None = None,
     ) -> None:
-        self.config = LoRAConfig(
+        config = LoRAConfig(
             r=r,
             alpha=alpha,
             dropout=dropout,
@@ -87,12 +88,19 @@ class LoRA(Callback):
             init=init,
             use_rslora=use_rslora,
         )
+        self._init_shell(config, backbone, save_dir)
+
+    def _init_shell(self, config: LoRAConfig, backbone: str | None, save_dir: str | None) -> None:
+        """State every adapter callback keeps (subclasses build their own config, then call this)."""
+        self.config = config
         self.backbone = backbone
         self.save_dir = save_dir
-        self._key = {"r": r, "target_modules": target_modules, "backbone": backbone}
+        self._key = {"r": config.r, "target_modules": config.target_modules, "backbone": backbone}
         self.adapted: list[str] = []
         self.backbone_path: str = ""
         self.saved_to: Path | None = None
+
+    method = "lora"
 
     @property
     @override
@@ -108,16 +116,16 @@ class LoRA(Callback):
         if config.target_modules is None:
             if preset is None:
                 raise ValueError(
-                    f"LoRA: no preset knows {type(root).__name__}, so target_modules must be given "
+                    f"{type(self).__name__}: no preset knows {type(root).__name__}, so target_modules must be given "
                     "(a regex, a list of module names/suffixes, or 'all-linear')"
                 )
-            config = LoRAConfig(**{**config.to_dict(), "target_modules": list(preset.target_modules)})
+            config = dataclasses.replace(config, target_modules=list(preset.target_modules))
         self.adapted = inject_adapters(root, config)
         self.config = config
         trainable, total = count_parameters(root)
         where = self.backbone_path or type(pl_module).__name__
         rank_zero_info(
-            f"LoRA: adapted {len(self.adapted)} layers of {where} (r={config.r}, alpha={config.alpha:g}); "
+            f"{type(self).__name__}: adapted {len(self.adapted)} layers of {where} (r={config.r}, alpha={config.alpha:g}); "
             f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
         )
 
@@ -130,7 +138,7 @@ class LoRA(Callback):
             "peft/adapted_layers": len(self.adapted),
         }
         for logger in trainer.loggers:
-            logger.log_hyperparams({"peft/method": "lora", "peft/r": self.config.r, "peft/alpha": self.config.alpha})
+            logger.log_hyperparams({"peft/method": self.method, "peft/r": self.config.r, "peft/alpha": self.config.alpha})
             logger.log_metrics({k: float(v) for k, v in stats.items()}, step=trainer.global_step)
 
     @override
@@ -140,7 +148,7 @@ class LoRA(Callback):
         root, _, _ = resolve_backbone(pl_module, self.backbone)
         self.saved_to = self.save(root, self.save_dir)
         if self.saved_to is not None:
-            rank_zero_info(f"LoRA: adapter saved to {self.saved_to.resolve()}")
+            rank_zero_info(f"{type(self).__name__}: adapter saved to {self.saved_to.resolve()}")
 
     def save(self, root: nn.Module, path: str | Path) -> Path | None:
         """Gather the adapter on every rank (sharded parameters become full tensors) and write it from rank 0.
@@ -165,5 +173,6 @@ class LoRA(Callback):
         if differs:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs callback {b!r}" for k, (a, b) in differs.items())
             raise ValueError(
-                f"LoRA: the checkpoint was trained with another adapter config ({detail}); resume with the same"
+                f"{type(self).__name__}: the checkpoint was trained with another adapter config ({detail}); "
+                "resume with the same"
             )

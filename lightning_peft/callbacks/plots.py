@@ -1,0 +1,77 @@
+"""Pictures of what a method decided, written next to the adapter (matplotlib, Agg backend, atomic writes)."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from lightning_peft.methods.adalora import RankAllocator
+
+__all__ = ["plot_ranks", "rank_grid"]
+
+
+def rank_grid(ranks: dict[str, int]) -> tuple[list[str], list[int], list[list[float]]]:
+    """Arrange ``layer name -> rank`` as rows (module kind, e.g. ``self_attn.q_proj``) x columns (block index).
+
+    A name's block index is its first purely numeric component; names without one share column 0.
+    Missing cells are NaN.
+    """
+    cells: dict[tuple[str, int], int] = {}
+    for name, rank in ranks.items():
+        parts = name.split(".")
+        index = next((i for i, part in enumerate(parts) if re.fullmatch(r"\d+", part)), None)
+        if index is None:
+            kind, block = name, 0
+        else:
+            kind, block = ".".join(parts[index + 1 :]) or name, int(parts[index])
+        cells[(kind, block)] = rank
+    kinds = list(dict.fromkeys(k for k, _ in cells))
+    blocks = sorted({b for _, b in cells})
+    grid = [[float(cells.get((k, b), float("nan"))) for b in blocks] for k in kinds]
+    return kinds, blocks, grid
+
+
+def plot_ranks(allocator: RankAllocator, path: str | os.PathLike) -> Path:
+    """Heatmap of the final rank per layer (module kind x block) and the budget over optimizer steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds, blocks, grid = rank_grid(allocator.ranks())
+    fig, (ax_map, ax_budget) = plt.subplots(
+        1, 2, figsize=(4 + 0.45 * len(blocks) + 4, 1.5 + 0.4 * len(kinds)), gridspec_kw={"width_ratios": [3, 2]}
+    )
+    image = ax_map.imshow(grid, cmap="viridis", vmin=0, vmax=max(allocator.init_ranks), aspect="auto")
+    ax_map.set_xticks(range(len(blocks)), [str(b) for b in blocks])
+    ax_map.set_yticks(range(len(kinds)), kinds)
+    ax_map.set_xlabel("block")
+    ax_map.set_title("AdaLoRA: final rank per layer")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            if value == value:  # not NaN
+                ax_map.text(j, i, f"{int(value)}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(image, ax=ax_map, fraction=0.046)
+    if allocator.history:
+        steps, budgets = zip(*allocator.history, strict=True)
+        ax_budget.plot(steps, budgets, marker=".")
+    ax_budget.axhline(allocator.target_bgt, color="grey", linestyle="--", label="target")
+    ax_budget.set_xlabel("optimizer step")
+    ax_budget.set_ylabel("total rank budget")
+    ax_budget.set_title("budget schedule")
+    ax_budget.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
