@@ -251,3 +251,35 @@ def test_double_injection_is_refused() -> None:
     model, config = build("mlp")
     with pytest.raises(ValueError, match="already has LoRA"):
         inject_adapters(model, config)
+
+
+CONV_TARGETS = ["conv_in", "conv1", "conv2", "downsamplers.0.conv", "conv_out"]  # 3x3 kernels, stride 1 and 2
+
+
+def test_conv2d_lora_merge_save_load_on_a_unet(tmp_path) -> None:
+    model = FAMILIES["unet"](seed=0).eval()
+    config = LoRAConfig(r=3, alpha=6, target_modules=CONV_TARGETS, init="nonzero")
+    torch.manual_seed(5)
+    adapted = inject_adapters(model, config)
+    assert {type(layer.base_layer) for _, layer in adapter_layers(model)} == {nn.Conv2d}
+    assert any(layer.base_layer.stride == (2, 2) for _, layer in adapter_layers(model))
+    out = forward("unet", model)
+    assert not torch.allclose(out, forward("unet", FAMILIES["unet"](seed=0).eval()), atol=1e-4)
+    save_adapter(model, tmp_path, config)
+    merge_adapters(model)  # the merged kernel computes what the two-conv path computed
+    torch.testing.assert_close(forward("unet", model), out, atol=1e-4, rtol=1e-4)
+    fresh = FAMILIES["unet"](seed=0).eval()
+    load_adapter(fresh, tmp_path)
+    assert [n for n, _ in adapter_layers(fresh)] == adapted
+    torch.testing.assert_close(forward("unet", fresh), out)
+
+
+def test_conv2d_lora_matches_peft(tmp_path) -> None:
+    peft = pytest.importorskip("peft")
+    model = FAMILIES["unet"](seed=0).eval()
+    config = LoRAConfig(r=3, alpha=6, target_modules=CONV_TARGETS, init="nonzero")
+    torch.manual_seed(5)
+    inject_adapters(model, config)
+    save_adapter(model, tmp_path, config)
+    theirs = peft.PeftModel.from_pretrained(FAMILIES["unet"](seed=0), tmp_path).eval()
+    torch.testing.assert_close(forward("unet", theirs), forward("unet", model), atol=1e-5, rtol=1e-5)
