@@ -71,14 +71,37 @@ class RankAllocator:
         self.init_ranks = [layer.r for layer in self.layers]
         self.init_bgt = sum(self.init_ranks)
         self.target_bgt = config.target_r * len(self.layers)
+        # Layers whose A and B have the same shapes form a group, processed as one batch. The EMA buffers are flat
+        # and laid out group by group (all A of the group, then all E, then all B), so a group's scores are plain
+        # (n, r, in) / (n, r) / (n, out, r) views of the buffer: no per-layer loop and no copies on masking steps.
+        groups: dict[tuple, list[int]] = {}
+        for i, layer in enumerate(self.layers):
+            groups.setdefault((tuple(layer.lora_A.shape), tuple(layer.lora_B.shape)), []).append(i)
+        self._groups = list(groups.values())
+        self._order = [(i, kind) for g in self._groups for kind in ("lora_A", "lora_E", "lora_B") for i in g]
         params = self._params()
         device = params[0].device
         self._numels = [p.numel() for p in params]
         self._exp_avg_ipt = torch.zeros(sum(self._numels), device=device, dtype=torch.float32)
         self._exp_avg_unc = torch.zeros_like(self._exp_avg_ipt)
+        self._score = torch.zeros_like(self._exp_avg_ipt)
+        self._buf_p = torch.zeros_like(self._exp_avg_ipt)
+        self._buf_g = torch.zeros_like(self._exp_avg_ipt)
+        self._param_list = params
         # views into the flat buffers, one per adapter tensor, made once (the layers keep their shapes until shrink)
         self._avg_ipt_views = self._views(self._exp_avg_ipt)
         self._avg_unc_views = self._views(self._exp_avg_unc)
+        self._group_scores = []
+        offset = 0
+        for g in self._groups:
+            a, b = self.layers[g[0]].lora_A, self.layers[g[0]].lora_B
+            n, r = len(g), a.shape[0]
+            size_a, size_b = n * a.numel(), n * b.numel()
+            view_a = self._score[offset : offset + size_a].view(n, r, -1)
+            view_e = self._score[offset + size_a : offset + size_a + n * r].view(n, r)
+            view_b = self._score[offset + size_a + n * r : offset + size_a + n * r + size_b].view(n, b.shape[0], -1)
+            self._group_scores.append((view_a, view_e, view_b))
+            offset += size_a + n * r + size_b
         self.masks: list[torch.Tensor] = [torch.ones(r, dtype=torch.bool, device=device) for r in self.init_ranks]
         self.rank_pattern: list[torch.Tensor] | None = None  # frozen at total_step - tfinal
         self.budget = self.init_bgt
@@ -87,10 +110,17 @@ class RankAllocator:
 
     # ----------------------------------------------------------------------------------------- state
     def _params(self) -> list[torch.Tensor]:
-        return [p for layer in self.layers for p in (layer.lora_A, layer.lora_E, layer.lora_B)]
+        return [getattr(self.layers[i], kind) for i, kind in self._order]
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [v.view_as(p) for v, p in zip(flat.split(self._numels), self._params(), strict=True)]
+
+    def ema(self) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """``{layer: {"lora_A" | "lora_E" | "lora_B": (EMA of sensitivity, EMA of uncertainty)}}`` as views."""
+        out: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {name: {} for name in self.names}
+        for (i, kind), ipt, unc in zip(self._order, self._avg_ipt_views, self._avg_unc_views, strict=True):
+            out[self.names[i]][kind] = (ipt, unc)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the schedule exactly (tensors and primitives only)."""
@@ -156,33 +186,33 @@ class RankAllocator:
         Call when gradients are complete (after accumulation and the DDP all-reduce) and before the
         optimizer step. Returns False, changing nothing, if any gradient is missing or non-finite.
         """
-        params = self._params()
-        grads = [p.grad for p in params]
+        grads = [p.grad for p in self._param_list]
         if any(g is None for g in grads):
             return False
-        ipt = torch._foreach_mul([p.detach().float() for p in params], [g.float() for g in grads])  # type: ignore[union-attr]
-        torch._foreach_abs_(ipt)
-        if not bool(torch.stack(torch._foreach_norm(ipt)).isfinite().all()):  # inf/nan anywhere: skip
+        # Two concatenations into preallocated flat buffers, then a handful of whole-buffer ops: the cost does not
+        # grow with the number of adapter tensors (a foreach op over hundreds of small tensors does).
+        ipt, g_flat = self._buf_p, self._buf_g
+        torch.cat([p.detach().reshape(-1).float() for p in self._param_list], out=ipt)
+        torch.cat([g.reshape(-1).float() for g in grads], out=g_flat)  # type: ignore[union-attr]
+        ipt.mul_(g_flat).abs_()
+        if not bool(torch.isfinite(ipt.sum())):  # inf/nan anywhere (a step the AMP scaler skips): keep the EMAs
             return False
-        b1, b2 = self.config.beta1, self.config.beta2
-        avg_ipt, avg_unc = self._avg_ipt_views, self._avg_unc_views
-        torch._foreach_mul_(avg_ipt, b1)
-        torch._foreach_add_(avg_ipt, ipt, alpha=1 - b1)
-        diff = torch._foreach_sub(ipt, avg_ipt)
-        torch._foreach_abs_(diff)
-        torch._foreach_mul_(avg_unc, b2)
-        torch._foreach_add_(avg_unc, diff, alpha=1 - b2)
+        # b * avg + (1 - b) * x == avg.lerp_(x, 1 - b): one pass instead of two
+        self._exp_avg_ipt.lerp_(ipt, 1 - self.config.beta1)
+        ipt.sub_(self._exp_avg_ipt).abs_()  # the uncertainty |I - EMA(I)|, in place
+        self._exp_avg_unc.lerp_(ipt, 1 - self.config.beta2)
         self.updates += 1
         return True
 
     @torch.no_grad()
     def triplet_scores(self) -> list[torch.Tensor]:
         """Per layer, the ``r`` scores ``s(E_i) + mean_j s(A_ij) + mean_k s(B_ki)`` with ``s = EMA(I) * EMA(U)``."""
-        score = self._views(self._exp_avg_ipt * self._exp_avg_unc)
-        out = []
-        for i in range(len(self.layers)):
-            s_a, s_e, s_b = score[3 * i], score[3 * i + 1], score[3 * i + 2]
-            out.append(s_e.view(-1) + s_a.flatten(1).mean(dim=1) + s_b.flatten(1).mean(dim=0))
+        torch.mul(self._exp_avg_ipt, self._exp_avg_unc, out=self._score)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(self.layers)
+        for group, (s_a, s_e, s_b) in zip(self._groups, self._group_scores, strict=True):
+            triplet = s_e + s_a.mean(dim=2) + s_b.mean(dim=1)
+            for i, row in zip(group, triplet.unbind(0), strict=True):
+                out[i] = row
         return out
 
     # --------------------------------------------------------------------------------------- masking
@@ -202,8 +232,8 @@ class RankAllocator:
     @torch.no_grad()
     def _apply(self, masks: list[torch.Tensor]) -> None:
         self.masks = masks
-        for layer, mask in zip(self.layers, masks, strict=True):
-            layer.lora_E.masked_fill_(~mask.view(-1, 1), 0.0)
+        e = [layer.lora_E for layer in self.layers]
+        torch._foreach_mul_(e, [m.view(-1, 1).to(e[0].dtype) for m in masks])
 
     def allocate(self, step: int) -> int | None:
         """Apply the schedule after optimizer step ``step`` (0-based): mask when due. Returns the budget when it masked.
@@ -243,28 +273,29 @@ class RankAllocator:
         w = self.config.orth_reg_weight if weight is None else weight
         if w == 0:
             return 0.0
-        mats = []
-        for layer in self.layers:
-            if layer.r == 0:
+        n_mats = 2 * sum(1 for layer in self.layers if layer.r > 0)
+        if n_mats == 0:
+            return 0.0
+        scale = w / n_mats
+        total = torch.zeros((), device=self._exp_avg_ipt.device)
+        for group in self._groups:
+            if self.layers[group[0]].r == 0:
                 continue
-            mats.append((layer.lora_A, True))
-            mats.append((layer.lora_B, False))
-        total = 0.0
-        scale = w / max(len(mats), 1)
-        for param, is_a in mats:
-            p = param.detach().flatten(1).float()
-            if not is_a:
-                p = p.T  # Bᵀ B - I = (Bᵀ)(Bᵀ)ᵀ - I: the same formula on Bᵀ
-            m = p @ p.T
-            m.diagonal().sub_(1.0)
-            norm = torch.linalg.matrix_norm(m)
-            total += float(norm)
-            if norm > 0:
-                g = (m @ p).mul_(2.0 * scale / norm)
-                g = g if is_a else g.T
-                g = g.reshape(param.shape).to(param.dtype)
-                if param.grad is None:
-                    param.grad = g
-                else:
-                    param.grad.add_(g)
-        return w * total / max(len(mats), 1)
+            for name in ("lora_A", "lora_B"):
+                params = [getattr(self.layers[i], name) for i in group]
+                p = torch.stack([q.detach().flatten(1).float() for q in params])  # (n, r, in) or (n, out, r)
+                if name == "lora_B":
+                    p = p.transpose(1, 2)  # Bᵀ B - I = (Bᵀ)(Bᵀ)ᵀ - I: the same formula on Bᵀ
+                m = torch.bmm(p, p.transpose(1, 2))
+                m.diagonal(dim1=1, dim2=2).sub_(1.0)
+                norms = torch.linalg.matrix_norm(m)  # (n,)
+                total += norms.sum()
+                g = torch.bmm(m, p).mul_((2.0 * scale / norms.clamp_min(1e-12)).view(-1, 1, 1))
+                if name == "lora_B":
+                    g = g.transpose(1, 2)
+                grads = [x.reshape(q.shape).to(q.dtype) for x, q in zip(g.unbind(0), params, strict=True)]
+                missing = [q for q in params if q.grad is None]
+                for q in missing:
+                    q.grad = torch.zeros_like(q)
+                torch._foreach_add_([q.grad for q in params], grads)  # type: ignore[misc]
+        return w * float(total) / n_mats
