@@ -120,7 +120,7 @@ class SVDLoRALayer(LoRALayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
-        if self.merged or self.disabled:
+        if self.merged or self.disabled or self.r == 0:  # r == 0: every triplet was pruned
             return out
         x = self.lora_dropout(x)
         e = self.lora_E.view(-1) * self.scaling
