@@ -29,27 +29,21 @@ def test_recipe_parses_and_instantiates(recipe: Path, monkeypatch, tmp_path) -> 
 
 def test_quickstart_runs_with_interpolated_paths(monkeypatch, tmp_path) -> None:
     monkeypatch.chdir(tmp_path)
-    args = [
-        "fit",
-        "--config",
-        str(ROOT / "examples/quickstart.yaml"),
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.limit_train_batches",
-        "2",
-        "--trainer.limit_val_batches",
-        "1",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--model.init_args.model_kwargs",
-        "{img_size: 8, patch_size: 4, in_chans: 1, depth: 1}",
-    ]
+    # a 2-step run: the recipe's 50 warm-up + 100 final AdaLoRA steps would not fit (that is an error)
+    recipe = (ROOT / "examples/quickstart.yaml").read_text()
+    assert "tinit: 50" in recipe and "tfinal: 100" in recipe
+    (tmp_path / "quick.yaml").write_text(recipe.replace("tinit: 50", "tinit: 0").replace("tfinal: 100", "tfinal: 1"))
+    args = ["fit", "--config", str(tmp_path / "quick.yaml"), "--trainer.max_epochs", "1"]
+    args += ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+    args += ["--trainer.enable_progress_bar", "false"]
+    args += ["--model.init_args.model_kwargs", "{img_size: 8, patch_size: 4, in_chans: 1, depth: 1}"]
     cli = build_cli(args)
     lora = next(cb for cb in cli.trainer.callbacks if isinstance(cb, LoRA))
     # save_dir is ${trainer.default_root_dir}/adapter in the recipe: omegaconf interpolation resolved it
     # (within the file: jsonargparse resolves a config file's interpolations when it loads that file)
     assert lora.save_dir == "runs/quickstart/adapter"
     assert (tmp_path / "runs/quickstart/adapter/adapter_model.safetensors").is_file()
+    assert (tmp_path / "runs/quickstart/adapter/adalora_ranks.png").is_file()
     assert cli.trainer.global_step == 2 and "val_acc" in cli.trainer.callback_metrics
 
 
