@@ -13,7 +13,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["staged_dir"]
+__all__ = ["staged_dir", "staged_file"]
+
+
+def _mode(directory: bool) -> int:
+    """The permissions a plain ``open``/``mkdir`` would give under the current umask (mkdtemp/mkstemp use 0700/0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
 
 
 @contextmanager
@@ -39,6 +46,8 @@ def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        for path in [tmp, *tmp.rglob("*")]:
+            path.chmod(_mode(path.is_dir()))
         if not target.exists():
             os.replace(tmp, target)
             return
@@ -49,3 +58,28 @@ def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
                 os.replace(src, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def staged_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it replaces ``target`` atomically, else it is removed.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "x.txt"
+        >>> with staged_file(out) as tmp:
+        ...     _ = tmp.write_text("hi")
+        >>> out.read_text()
+        'hi'
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.chmod(_mode(False))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)

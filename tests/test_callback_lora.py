@@ -137,6 +137,8 @@ def test_second_fit_and_validate_reuse_the_adapters() -> None:
     assert len(list(adapter_layers(module))) == n_layers
 
 
-def test_two_callbacks_have_distinct_state_keys() -> None:
-    assert LoRA(r=4).state_key != LoRA(r=8).state_key
+def test_state_keys_tell_apart_backbones_and_targets_but_not_ranks() -> None:
     assert LoRA(r=4, backbone="model").state_key != LoRA(r=4).state_key
+    assert LoRA(target_modules=["qkv"]).state_key != LoRA(target_modules=["proj"]).state_key
+    # the same slot for another r: resuming with it reaches the callback's check instead of being skipped silently
+    assert LoRA(r=4).state_key == LoRA(r=8).state_key

@@ -19,6 +19,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -78,7 +79,7 @@ def adapter_state_dict(model: nn.Module, modules_to_save: list[str] | tuple[str,
 def peft_config(model: nn.Module, config: LoRAConfig, base_model: str | None = None) -> dict:
     """The peft ``adapter_config.json`` content describing ``model``'s LoRA layers."""
     layers = dict(adapter_layers(model))
-    out = {
+    out: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": base_model,
@@ -101,6 +102,7 @@ def peft_config(model: nn.Module, config: LoRAConfig, base_model: str | None = N
         "revision": None,
     }
     if isinstance(config, AdaLoRAConfig):
+        del out["r"]  # peft's AdaLoRA reads init_r and warns about r
         if config.total_step is None:
             raise ValueError("an AdaLoRA adapter is exported with its total_step; set config.total_step first")
         out.update(

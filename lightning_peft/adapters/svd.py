@@ -59,8 +59,10 @@ class AdaLoRAConfig(LoRAConfig):
         if isinstance(self.target_r, bool) or not isinstance(self.target_r, int) or self.target_r < 0:
             raise ValueError(f"AdaLoRA target_r must be an integer >= 0, got {self.target_r!r}")
         if self.target_r > self.r:
-            raise ValueError(f"AdaLoRA target_r={self.target_r} is larger than the initial rank r={self.r}; "
-                             "the budget only shrinks, so pass target_r <= r")
+            raise ValueError(
+                f"AdaLoRA target_r={self.target_r} is larger than the initial rank r={self.r}; "
+                "the budget only shrinks, so pass target_r <= r"
+            )
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
@@ -78,7 +80,8 @@ class AdaLoRAConfig(LoRAConfig):
         """Raise unless the schedule (warm-up, decay, final phase) fits into ``total_step`` optimizer steps."""
         if self.tinit + self.tfinal >= total_step:
             raise ValueError(
-                f"AdaLoRA tinit ({self.tinit}) + tfinal ({self.tfinal}) must be smaller than total_step ({total_step}): "
+                f"AdaLoRA tinit ({self.tinit}) + tfinal ({self.tfinal}) must be smaller than total_step "
+                f"({total_step}): "
                 "there would be no step left for the budget to decrease; lower tinit/tfinal or train longer"
             )
 

@@ -63,6 +63,7 @@ class AdaLoRA(LoRA):
     """
 
     method = "adalora"
+    resume_keys = ("r", "alpha", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight")
 
     def __init__(
         self,
@@ -100,6 +101,7 @@ class AdaLoRA(LoRA):
             modules_to_save=modules_to_save or [],
         )
         self._init_shell(config, backbone, save_dir)
+        self.total_step = total_step  # as asked; config.total_step holds the value a fit resolved
         self.allocator: RankAllocator | None = None
         self._pending: dict[str, Any] | None = None
         self._last_step = -1
@@ -124,12 +126,14 @@ class AdaLoRA(LoRA):
         super().on_fit_start(trainer, pl_module)
         config: AdaLoRAConfig = self.config  # type: ignore[assignment]
         planned = trainer.estimated_stepping_batches
-        total = config.total_step
-        if total is None:
+        total = self.total_step
+        if self._pending is not None:  # a resumed run continues the schedule it started with
+            total = int(self._pending["total_step"])
+        elif total is None:
             if not math.isfinite(planned):
                 raise ValueError("AdaLoRA needs a finite run: set trainer max_steps/max_epochs or AdaLoRA total_step")
             total = int(planned)
-        elif math.isfinite(planned) and planned > total:
+        if math.isfinite(planned) and planned > total:
             rank_zero_warn(
                 f"AdaLoRA total_step={total} is shorter than the {int(planned)} optimizer steps the trainer will run: "
                 f"the rank pattern is frozen after step {total - config.tfinal} and kept for the remaining steps"
@@ -171,10 +175,10 @@ class AdaLoRA(LoRA):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        alloc = self.allocator
+        alloc, self.allocator = self.allocator, None  # the allocator holds the pre-shrink parameters: let it go
         if alloc is not None:
             final = alloc.rank_pattern if alloc.rank_pattern is not None else alloc.masks
-            for (_, layer), keep in zip(self._layers(pl_module), final, strict=True):
+            for layer, keep in zip(alloc.layers, final, strict=True):
                 layer.shrink(keep)
             ranks = alloc.ranks()
             rank_zero_info(
@@ -191,7 +195,6 @@ class AdaLoRA(LoRA):
             for logger in trainer.loggers:
                 if hasattr(logger, "log_image"):
                     logger.log_image(key="adalora/ranks", images=[str(picture)])
-            self.allocator = None
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -95,12 +95,15 @@ class LoRA(Callback):
         self.config = config
         self.backbone = backbone
         self.save_dir = save_dir
-        self._key = {"r": config.r, "target_modules": config.target_modules, "backbone": backbone}
+        # r is not part of the key: a resume with another r must reach load_state_dict's clear error
+        self._key = {"target_modules": config.target_modules, "backbone": backbone}
         self.adapted: list[str] = []
         self.backbone_path: str = ""
         self.saved_to: Path | None = None
 
     method = "lora"
+    #: config fields that must be the same when resuming from a checkpoint
+    resume_keys: tuple[str, ...] = ("r", "alpha", "use_rslora")
 
     @property
     @override
@@ -125,7 +128,8 @@ class LoRA(Callback):
         trainable, total = count_parameters(root)
         where = self.backbone_path or type(pl_module).__name__
         rank_zero_info(
-            f"{type(self).__name__}: adapted {len(self.adapted)} layers of {where} (r={config.r}, alpha={config.alpha:g}); "
+            f"{type(self).__name__}: adapted {len(self.adapted)} layers of {where} "
+            f"(r={config.r}, alpha={config.alpha:g}); "
             f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
         )
 
@@ -138,7 +142,9 @@ class LoRA(Callback):
             "peft/adapted_layers": len(self.adapted),
         }
         for logger in trainer.loggers:
-            logger.log_hyperparams({"peft/method": self.method, "peft/r": self.config.r, "peft/alpha": self.config.alpha})
+            logger.log_hyperparams(
+                {"peft/method": self.method, "peft/r": self.config.r, "peft/alpha": self.config.alpha}
+            )
             logger.log_metrics({k: float(v) for k, v in stats.items()}, step=trainer.global_step)
 
     @override
@@ -169,7 +175,7 @@ class LoRA(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("config", {})
         mine = self.config.to_dict()
-        differs = {k: (saved[k], mine[k]) for k in ("r", "alpha", "use_rslora") if k in saved and saved[k] != mine[k]}
+        differs = {k: (saved[k], mine[k]) for k in self.resume_keys if k in saved and saved[k] != mine[k]}
         if differs:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs callback {b!r}" for k, (a, b) in differs.items())
             raise ValueError(

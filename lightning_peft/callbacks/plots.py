@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
+from lightning_peft.fileio import staged_file
 from lightning_peft.methods.adalora import RankAllocator
 
 __all__ = ["plot_ranks", "rank_grid"]
@@ -63,15 +63,9 @@ def plot_ranks(allocator: RankAllocator, path: str | os.PathLike) -> Path:
     ax_budget.set_title("budget schedule")
     ax_budget.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with staged_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return Path(path)

@@ -42,7 +42,8 @@ class RankAllocator:
     """Importance EMAs, the cubic budget schedule and the masks of AdaLoRA's singular triplets.
 
     Args:
-        layers: ``(name, layer)`` of every SVD adapter, in a fixed order (the same on every rank).
+        layers: ``(name, layer)`` of every SVD adapter, in a fixed order (the same on every rank); layers already
+            pruned to rank 0 are left out (they hold no triplet to score).
         config: the AdaLoRA hyper-parameters.
         total_step: optimizer steps of the run (overrides ``config.total_step``).
 
@@ -61,8 +62,9 @@ class RankAllocator:
     """
 
     def __init__(self, layers: Sequence[tuple[str, SVDLoRALayer]], config: AdaLoRAConfig, total_step: int) -> None:
+        layers = [(name, layer) for name, layer in layers if layer.r > 0]  # a layer pruned to rank 0 has no triplet
         if not layers:
-            raise ValueError("AdaLoRA needs at least one SVD adapter layer")
+            raise ValueError("AdaLoRA needs at least one SVD adapter layer with rank > 0")
         config.check_total_step(total_step)
         self.config = config
         self.total_step = int(total_step)
@@ -232,8 +234,9 @@ class RankAllocator:
     @torch.no_grad()
     def _apply(self, masks: list[torch.Tensor]) -> None:
         self.masks = masks
-        e = [layer.lora_E for layer in self.layers]
-        torch._foreach_mul_(e, [m.view(-1, 1).to(e[0].dtype) for m in masks])
+        e: list[torch.Tensor] = [layer.lora_E for layer in self.layers]
+        factors: list[torch.Tensor] = [m.view(-1, 1).to(e[0].dtype) for m in masks]
+        torch._foreach_mul_(e, factors)
 
     def allocate(self, step: int) -> int | None:
         """Apply the schedule after optimizer step ``step`` (0-based): mask when due. Returns the budget when it masked.
@@ -267,7 +270,8 @@ class RankAllocator:
     def add_orthogonal_grad(self, weight: float | None = None) -> float:
         """Add the gradient of ``weight * mean_M ||M - I||_F`` over ``M = A Aᵀ`` and ``M = Bᵀ B`` to ``.grad``.
 
-        ``d||A Aᵀ - I||_F / dA = 2 (A Aᵀ - I) A / ||A Aᵀ - I||_F`` and ``d||Bᵀ B - I||_F / dB = 2 B (Bᵀ B - I) / ||.||_F``.
+        ``d||A Aᵀ - I||_F / dA = 2 (A Aᵀ - I) A / ||A Aᵀ - I||_F`` and
+        ``d||Bᵀ B - I||_F / dB = 2 B (Bᵀ B - I) / ||Bᵀ B - I||_F``.
         Computed on the parameters' values, without autograd or a second backward. Returns the penalty value.
         """
         w = self.config.orth_reg_weight if weight is None else weight
