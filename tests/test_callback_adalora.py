@@ -467,3 +467,22 @@ def test_second_fit_with_a_layer_pruned_to_rank_zero() -> None:
     assert snapshot.alloc_state["updates"] == 3  # importance measured at steps 0..2 despite the empty layer
     ranks_after = [layer.r for _, layer in svd_layers(module.model)]
     assert ranks_after[0] == 0 and all(a <= b for a, b in zip(ranks_after, ranks_before, strict=True))
+
+
+def test_budget_and_ranks_per_layer_reach_the_logger(tmp_path) -> None:
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path, name="run")
+    callback = AdaLoRA(r=4, target_r=2, tinit=1, tfinal=1, total_step=6)
+    quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[callback], logger=logger, log_every_n_steps=1).fit(
+        FamilyModule("vit", n_batches=6)
+    )
+    rows = list(csv.DictReader(open(tmp_path / "run" / "version_0" / "metrics.csv")))
+    columns = set(rows[0])
+    assert "adalora/budget" in columns
+    rank_columns = sorted(c for c in columns if c.startswith("adalora/rank/"))
+    assert "adalora/rank/blocks.0.attn.qkv" in rank_columns and len(rank_columns) == 8  # 2 blocks x 4 layers
+    last = [float(r[c]) for r in rows for c in rank_columns if r.get(c)][-8:]
+    assert sum(last) == 2 * 8  # the frozen final pattern holds target_r per layer on average

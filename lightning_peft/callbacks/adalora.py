@@ -165,7 +165,10 @@ class AdaLoRA(LoRA):
         if alloc is None or trainer.global_step == self._last_step:  # a micro-batch of gradient accumulation
             return
         self._last_step = trainer.global_step
-        alloc.allocate(trainer.global_step - 1)
+        if alloc.allocate(trainer.global_step - 1) is not None:  # a masking step: the ranks per layer changed
+            ranks = {f"adalora/rank/{name}": float(rank) for name, rank in alloc.ranks().items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(ranks, step=trainer.global_step)
         kept = sum(int(m.sum()) for m in alloc.masks)
         pl_module.log_dict(
             {"adalora/budget": float(alloc.budget), "adalora/kept_ranks": float(kept), "adalora/orth": self.penalty},
