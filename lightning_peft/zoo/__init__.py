@@ -1,6 +1,201 @@
-"""The adapter zoo: publish, find, download and load adapters (``LocalZoo``, ``HubZoo``).
+"""The adapter zoo: publish, find, download and load adapters, locally or on the Hugging Face Hub.
 
-Not implemented yet. Until it lands, a trained adapter is a folder written by
-:func:`lightning_peft.adapters.save_adapter` (or the ``save_dir`` of a callback) in peft's format,
-loaded back with :func:`lightning_peft.adapters.load_adapter`.
+Example:
+    >>> import tempfile
+    >>> from torch import nn
+    >>> from lightning_peft import zoo
+    >>> from lightning_peft.adapters import LoRAConfig, inject_adapters
+    >>> net = nn.Sequential(nn.Linear(4, 4))
+    >>> cfg = LoRAConfig(r=2, target_modules=["0"])
+    >>> _ = inject_adapters(net, cfg)
+    >>> local = zoo.LocalZoo(tempfile.mkdtemp())
+    >>> rev = zoo.publish(net, "tiny-net", cfg, zoo=local, base_model="my/base")
+    >>> [e.name for e in zoo.search("tiny", zoo=local)]
+    ['tiny-net']
+    >>> fresh = nn.Sequential(nn.Linear(4, 4))
+    >>> _ = fresh[0].load_state_dict(net[0].base_layer.state_dict())  # the same base weights
+    >>> zoo.load(fresh, "tiny-net", zoo=local)["method"]
+    'lora'
+
+Names: a name with a ``/`` (``org/repo``) is a Hub repo and goes to :class:`HubZoo`; a plain name
+is a :class:`LocalZoo` entry. Pass ``zoo=`` to choose explicitly.
 """
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lightning_peft.adapters import AdaLoRAConfig, LoRAConfig, adapter_layers, load_adapter, read_adapter_config
+from lightning_peft.adapters import save_adapter as _save_adapter
+from lightning_peft.zoo.card import write_card
+from lightning_peft.zoo.entry import (
+    MANIFEST,
+    EntryError,
+    FingerprintMismatchError,
+    check_fingerprint,
+    fingerprint,
+    read_manifest,
+    validate_name,
+    verify_files,
+    write_manifest,
+)
+from lightning_peft.zoo.hub import HubError, HubZoo
+from lightning_peft.zoo.local import EntryInfo, LocalZoo, default_root
+
+__all__ = [
+    "MANIFEST",
+    "EntryError",
+    "EntryInfo",
+    "FingerprintMismatchError",
+    "HubError",
+    "HubZoo",
+    "LocalZoo",
+    "build_entry",
+    "default_root",
+    "download",
+    "fingerprint",
+    "load",
+    "publish",
+    "resolve_zoo",
+    "search",
+]
+
+Zoo = LocalZoo | HubZoo
+
+
+def resolve_zoo(name: str | None = None, zoo: Zoo | str | None = None) -> Zoo:
+    """The zoo a call goes to: ``zoo`` if given (an instance, ``"local"`` or ``"hub"``), else by the name's form."""
+    if isinstance(zoo, LocalZoo | HubZoo):
+        return zoo
+    if zoo == "local" or (zoo is None and (name is None or "/" not in name)):
+        return LocalZoo()
+    if zoo in ("hub", None):
+        return HubZoo()
+    raise ValueError(f"zoo must be a LocalZoo, a HubZoo, 'local' or 'hub', got {zoo!r}")
+
+
+def build_entry(
+    folder: str | os.PathLike,
+    model: nn.Module,
+    config: LoRAConfig,
+    name: str,
+    base_model: str | None = None,
+    metrics: dict[str, float] | None = None,
+    recipe: str | None = None,
+    pictures: list[str | os.PathLike] | None = None,
+    adapter_written: bool = False,
+) -> dict[str, Any]:
+    """Write a complete entry for ``model``'s adapters into ``folder``; returns the manifest.
+
+    Args:
+        folder: an empty (or adapter-only, with ``adapter_written``) folder.
+        model: the adapted model (names relative to it), base weights as trained on.
+        config: the adapters' config.
+        name: the entry's display name.
+        base_model: a reference to the base weights (a Hub id, a path, a description).
+        metrics: numbers for the card and manifest (e.g. the trainer's ``callback_metrics``).
+        recipe: the LightningCLI config text that produced the adapter, saved as ``config.yaml``.
+        pictures: PNG files to copy in.
+        adapter_written: the adapter files are already in ``folder`` (e.g. gathered from several ranks).
+    """
+    folder = Path(folder)
+    if not adapter_written:
+        _save_adapter(model, folder, config, base_model=base_model)
+    method = "adalora" if isinstance(config, AdaLoRAConfig) else "lora"
+    names = []
+    for picture in pictures or []:
+        picture = Path(picture)
+        (folder / picture.name).write_bytes(picture.read_bytes())
+        names.append(picture.name)
+    if recipe:
+        (folder / "config.yaml").write_text(recipe)
+    metrics = {k: float(v) for k, v in (metrics or {}).items()}
+    hyper = config.to_dict()
+    write_card(folder, name, method, base_model, metrics, hyper, names)
+    schedule = {}
+    if method == "adalora":
+        schedule = {
+            "rank_pattern": read_adapter_config(folder).get("rank_pattern", {}),
+            "final_ranks": {n: layer.r for n, layer in adapter_layers(model)},
+        }
+    return write_manifest(
+        folder,
+        method=method,
+        hyperparameters=hyper,
+        base_fingerprint=fingerprint(model, exclude=config.modules_to_save),
+        base_model=base_model,
+        base_class=type(model).__name__,
+        metrics=metrics,
+        schedule=schedule,
+    )
+
+
+def publish(
+    model: nn.Module,
+    name: str,
+    config: LoRAConfig,
+    *,
+    zoo: Zoo | str | None = None,
+    base_model: str | None = None,
+    metrics: dict[str, float] | None = None,
+    recipe: str | None = None,
+    pictures: list[str | os.PathLike] | None = None,
+) -> str:
+    """Build an entry for ``model``'s adapters in a temporary folder and publish it. Returns the new revision."""
+    target = resolve_zoo(name, zoo)
+    if isinstance(target, LocalZoo):
+        validate_name(name)
+    with tempfile.TemporaryDirectory(prefix="lightning-peft-entry-") as tmp:
+        build_entry(tmp, model, config, name, base_model, metrics, recipe, pictures)
+        return target.publish(tmp, name)
+
+
+def search(
+    query: str | None = None, *, method: str | None = None, base_model: str | None = None, zoo: Zoo | str | None = None
+) -> list[EntryInfo]:
+    """Entries matching ``query`` (substring of the name), ``method`` and ``base_model``."""
+    return resolve_zoo(None, zoo).search(query, method=method, base_model=base_model)
+
+
+def download(name: str, revision: str | None = None, *, zoo: Zoo | str | None = None) -> Path:
+    """The verified folder of an entry (a Hub entry goes through the huggingface_hub cache)."""
+    return resolve_zoo(name, zoo).download(name, revision)
+
+
+def load(
+    model: nn.Module,
+    name: str,
+    revision: str | None = None,
+    *,
+    zoo: Zoo | str | None = None,
+    allow_base_mismatch: bool = False,
+) -> dict[str, Any]:
+    """Put a zoo entry's adapters onto ``model`` (injecting them) after checking it is the right base model.
+
+    Args:
+        model: the base model the adapter was trained on (without adapters, or with the same ones).
+        name: a local entry name or a Hub repo id.
+        revision: a revision (commit sha, local revision id or prefix); default ``main``.
+        zoo: the zoo to use instead of deciding by the name.
+        allow_base_mismatch: load even if the base weights' fingerprint differs (shapes must still fit).
+
+    Returns:
+        The entry's manifest.
+
+    Raises:
+        FingerprintMismatchError: the model is not the base the adapter was trained on; says what differs.
+        AdapterMismatchError: the adapter's tensors do not fit the model; the model is left as it was.
+        EntryError: a file is missing, corrupt or a pickle.
+    """
+    folder = download(name, revision, zoo=zoo)
+    manifest = verify_files(folder, read_manifest(folder))
+    modules_to_save = list(read_adapter_config(folder).get("modules_to_save") or [])
+    if not allow_base_mismatch:
+        check_fingerprint(model, manifest["base_model"]["fingerprint"], exclude=modules_to_save)
+    load_adapter(model, folder)
+    return manifest

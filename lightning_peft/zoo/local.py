@@ -1,0 +1,188 @@
+"""``LocalZoo``: the embedded default zoo, a directory of entries with immutable revisions.
+
+Layout (like the Hugging Face cache, so revisions mean the same in both backends)::
+
+    <root>/<name>/revisions/<revision>/   one published entry, never modified after publishing
+    <root>/<name>/refs/main               the revision ``main`` points to
+
+The root is ``$LIGHTNING_PEFT_ZOO`` if set, else ``$XDG_CACHE_HOME/lightning-peft/zoo`` (default
+``~/.cache/lightning-peft/zoo``), unless passed explicitly. A publish copies the entry into a
+hidden temporary folder, renames it into place (atomic), then moves ``refs/main``: an interrupted
+publish leaves no entry, and readers never see a half-written one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning_peft.fileio import staged_file
+from lightning_peft.zoo.entry import EntryError, read_manifest, validate_name, verify_files
+
+__all__ = ["EntryInfo", "LocalZoo", "default_root"]
+
+
+@dataclass
+class EntryInfo:
+    """What a listing shows of an entry."""
+
+    name: str
+    revision: str
+    method: str = ""
+    base_model: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    created: str = ""
+    location: str = ""
+    tags: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_manifest(cls, name: str, revision: str, manifest: dict[str, Any], location: str) -> EntryInfo:
+        return cls(
+            name=name,
+            revision=revision,
+            method=manifest.get("method", ""),
+            base_model=(manifest.get("base_model") or {}).get("name"),
+            metrics=dict(manifest.get("metrics") or {}),
+            created=manifest.get("created", ""),
+            location=location,
+            tags=["lightning-peft", manifest.get("method", "")],
+        )
+
+
+def default_root() -> Path:
+    """``$LIGHTNING_PEFT_ZOO``, else ``$XDG_CACHE_HOME/lightning-peft/zoo``, else ``~/.cache/lightning-peft/zoo``."""
+    if os.environ.get("LIGHTNING_PEFT_ZOO"):
+        return Path(os.environ["LIGHTNING_PEFT_ZOO"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "lightning-peft" / "zoo"
+
+
+class LocalZoo:
+    """A zoo in a local directory.
+
+    Args:
+        root: the directory (created on first publish); default :func:`default_root`.
+
+    Example:
+        >>> import tempfile
+        >>> LocalZoo(tempfile.mkdtemp()).list()
+        []
+    """
+
+    kind = "local"
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_root()
+
+    def __repr__(self) -> str:
+        return f"LocalZoo({str(self.root)!r})"
+
+    def _entry_dir(self, name: str) -> Path:
+        path = (self.root / validate_name(name)).resolve()
+        if self.root.resolve() not in path.parents:
+            raise ValueError(f"zoo entry name {name!r} leads outside the zoo at {self.root}")
+        return path
+
+    def publish(self, folder: str | os.PathLike, name: str) -> str:
+        """Copy a built entry folder in as a new revision of ``name`` and point ``main`` at it. Returns the revision."""
+        folder = Path(folder)
+        manifest = verify_files(folder)
+        entry = self._entry_dir(name)
+        revisions = entry / "revisions"
+        revisions.mkdir(parents=True, exist_ok=True)
+        revision = _revision_id(manifest)
+        target = revisions / revision
+        if not target.exists():
+            tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=revisions))
+            try:
+                shutil.copytree(folder, tmp, dirs_exist_ok=True)
+                os.replace(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        with staged_file(entry / "refs" / "main") as ref:
+            ref.write_text(revision + "\n")
+        return revision
+
+    def revisions(self, name: str) -> list[str]:
+        """Revisions of ``name``, oldest first."""
+        revisions = self._entry_dir(name) / "revisions"
+        if not revisions.is_dir():
+            return []
+        found = [p for p in revisions.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime_ns)]
+
+    def _resolve(self, name: str, revision: str | None) -> tuple[str, Path]:
+        entry = self._entry_dir(name)
+        if not entry.is_dir():
+            known = ", ".join(e.name for e in self.list()) or "none"
+            raise FileNotFoundError(f"no entry {name!r} in the local zoo at {self.root} (entries: {known})")
+        if revision in (None, "main"):
+            ref = entry / "refs" / "main"
+            if not ref.is_file():
+                raise EntryError(f"zoo entry {name!r} has no main revision (an interrupted publish?)")
+            revision = ref.read_text().strip()
+        matches = [r for r in self.revisions(name) if r == revision or r.startswith(str(revision))]
+        if len(matches) != 1:
+            raise FileNotFoundError(
+                f"revision {revision!r} of {name!r} not found in the local zoo; it has {self.revisions(name)}"
+            )
+        return matches[0], entry / "revisions" / matches[0]
+
+    def download(self, name: str, revision: str | None = None) -> Path:
+        """The folder of ``name`` at ``revision`` (default ``main``), after checking every file's sha256."""
+        _, path = self._resolve(name, revision)
+        verify_files(path)
+        return path
+
+    def info(self, name: str, revision: str | None = None) -> EntryInfo:
+        """The listing row of one entry revision."""
+        rev, path = self._resolve(name, revision)
+        return EntryInfo.from_manifest(name, rev, read_manifest(path), str(path))
+
+    def list(self) -> list[EntryInfo]:
+        """Every entry at its ``main`` revision, by name."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for entry in sorted(self.root.iterdir()):
+            if entry.is_dir() and not entry.name.startswith(".") and (entry / "refs" / "main").is_file():
+                try:
+                    out.append(self.info(entry.name))
+                except (EntryError, FileNotFoundError, ValueError):
+                    continue  # a broken entry does not hide the others
+        return out
+
+    def search(
+        self, query: str | None = None, method: str | None = None, base_model: str | None = None
+    ) -> list[EntryInfo]:
+        """Entries whose name contains ``query`` (case-insensitive), of ``method``, trained on ``base_model``."""
+        found = self.list()
+        if query:
+            found = [e for e in found if query.lower() in e.name.lower()]
+        if method:
+            found = [e for e in found if e.method == method]
+        if base_model:
+            found = [e for e in found if e.base_model == base_model]
+        return found
+
+    def rm(self, name: str) -> None:
+        """Delete an entry with all its revisions."""
+        entry = self._entry_dir(name)
+        if not entry.is_dir():
+            raise FileNotFoundError(f"no entry {name!r} in the local zoo at {self.root}")
+        trash = entry.with_name(f".rm-{entry.name}-{os.getpid()}")
+        os.replace(entry, trash)  # atomic: readers see the entry or nothing
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _revision_id(manifest: dict[str, Any]) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(
+        json.dumps(manifest["files"], sort_keys=True).encode() + manifest["created"].encode()
+    ).hexdigest()[:12]
