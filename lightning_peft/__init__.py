@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "AdaLoRA": "lightning_peft.callbacks",
     "LoRA": "lightning_peft.callbacks",
+    "ZooPublisher": "lightning_peft.callbacks",
     "AdaLoRAConfig": "lightning_peft.adapters",
     "LoRAConfig": "lightning_peft.adapters",
     "inject_adapters": "lightning_peft.adapters",

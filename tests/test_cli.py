@@ -29,6 +29,7 @@ def test_recipe_parses_and_instantiates(recipe: Path, monkeypatch, tmp_path) -> 
 
 def test_quickstart_runs_with_interpolated_paths(monkeypatch, tmp_path) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LIGHTNING_PEFT_ZOO", str(tmp_path / "zoo"))
     # a 2-step run: the recipe's 50 warm-up + 100 final AdaLoRA steps would not fit (that is an error)
     recipe = (ROOT / "examples/quickstart.yaml").read_text()
     assert "tinit: 50" in recipe and "tfinal: 100" in recipe
@@ -45,6 +46,13 @@ def test_quickstart_runs_with_interpolated_paths(monkeypatch, tmp_path) -> None:
     assert (tmp_path / "runs/quickstart/adapter/adapter_model.safetensors").is_file()
     assert (tmp_path / "runs/quickstart/adapter/adalora_ranks.png").is_file()
     assert cli.trainer.global_step == 2 and "val_acc" in cli.trainer.callback_metrics
+    # ... and published it to the local zoo, with the recipe, the picture and the metrics
+    from lightning_peft.zoo import LocalZoo
+
+    (entry,) = LocalZoo(tmp_path / "zoo").list()
+    assert entry.name == "quickstart-vit-digits-adalora" and entry.method == "adalora" and "val_acc" in entry.metrics
+    files = {p.name for p in Path(entry.location).iterdir()}
+    assert {"config.yaml", "adalora_ranks.png", "README.md", "lightning_peft.json"} <= files
 
 
 def test_console_script_help() -> None:

@@ -2,5 +2,6 @@
 
 from lightning_peft.callbacks.adalora import AdaLoRA
 from lightning_peft.callbacks.lora import LoRA
+from lightning_peft.callbacks.zoo_publisher import ZooPublisher
 
-__all__ = ["AdaLoRA", "LoRA"]
+__all__ = ["AdaLoRA", "LoRA", "ZooPublisher"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -103,6 +104,7 @@ class AdaLoRA(LoRA):
         self._init_shell(config, backbone, save_dir)
         self.total_step = total_step  # as asked; config.total_step holds the value a fit resolved
         self.allocator: RankAllocator | None = None
+        self.outcome: dict[str, Any] = {}  # final ranks and budget history, kept after fit for pictures and the zoo
         self._pending: dict[str, Any] | None = None
         self._last_step = -1
         self.penalty = 0.0
@@ -184,6 +186,12 @@ class AdaLoRA(LoRA):
             for layer, keep in zip(alloc.layers, final, strict=True):
                 layer.shrink(keep)
             ranks = alloc.ranks()
+            self.outcome = {
+                "ranks": ranks,
+                "history": list(alloc.history),
+                "max_rank": max(alloc.init_ranks),
+                "target_budget": alloc.target_bgt,
+            }
             rank_zero_info(
                 f"AdaLoRA: kept {sum(ranks.values())} of {alloc.init_bgt} ranks "
                 f"(target {alloc.target_bgt}) over {len(ranks)} layers"
@@ -191,13 +199,14 @@ class AdaLoRA(LoRA):
             for logger in trainer.loggers:
                 logger.log_metrics({"adalora/final_ranks": float(sum(ranks.values()))}, step=trainer.global_step)
         super().on_fit_end(trainer, pl_module)
-        if alloc is not None and self.saved_to is not None:
-            from lightning_peft.callbacks.plots import plot_ranks  # matplotlib only when a picture is wanted
 
-            picture = plot_ranks(alloc, self.saved_to / "adalora_ranks.png")
-            for logger in trainer.loggers:
-                if hasattr(logger, "log_image"):
-                    logger.log_image(key="adalora/ranks", images=[str(picture)])
+    @override
+    def write_pictures(self, folder: Path) -> list[Path]:
+        if not self.outcome:
+            return []
+        from lightning_peft.callbacks.plots import plot_ranks  # matplotlib only when a picture is wanted
+
+        return [plot_ranks(**self.outcome, path=folder / "adalora_ranks.png")]
 
     @override
     def state_dict(self) -> dict[str, Any]:

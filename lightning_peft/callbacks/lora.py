@@ -153,8 +153,17 @@ class LoRA(Callback):
             return
         root, _, _ = resolve_backbone(pl_module, self.backbone)
         self.saved_to = self.save(root, self.save_dir)
-        if self.saved_to is not None:
-            rank_zero_info(f"{type(self).__name__}: adapter saved to {self.saved_to.resolve()}")
+        if self.saved_to is None:  # not rank 0
+            return
+        for picture in self.write_pictures(self.saved_to):
+            for logger in trainer.loggers:
+                if hasattr(logger, "log_image"):
+                    logger.log_image(key=f"{self.method}/{picture.stem}", images=[str(picture)])
+        rank_zero_info(f"{type(self).__name__}: adapter saved to {self.saved_to.resolve()}")
+
+    def write_pictures(self, folder: Path) -> list[Path]:
+        """Write the method's pictures of what it decided into ``folder`` (rank 0); LoRA decides nothing to draw."""
+        return []
 
     def save(self, root: nn.Module, path: str | Path) -> Path | None:
         """Gather the adapter on every rank (sharded parameters become full tensors) and write it from rank 0.

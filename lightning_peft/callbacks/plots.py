@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 from lightning_peft.fileio import staged_file
-from lightning_peft.methods.adalora import RankAllocator
 
 __all__ = ["plot_ranks", "rank_grid"]
 
@@ -33,18 +32,28 @@ def rank_grid(ranks: dict[str, int]) -> tuple[list[str], list[int], list[list[fl
     return kinds, blocks, grid
 
 
-def plot_ranks(allocator: RankAllocator, path: str | os.PathLike) -> Path:
-    """Heatmap of the final rank per layer (module kind x block) and the budget over optimizer steps, as a PNG."""
+def plot_ranks(
+    ranks: dict[str, int], history: list[tuple[int, int]], max_rank: int, target_budget: int, path: str | os.PathLike
+) -> Path:
+    """Heatmap of the final rank per layer (module kind x block) and the budget over optimizer steps, as a PNG.
+
+    Args:
+        ranks: final rank per layer name.
+        history: ``(optimizer step, total budget)`` at every masking step.
+        max_rank: the initial rank (top of the colour scale).
+        target_budget: the final budget (a dashed line).
+        path: the PNG to write (atomically).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds, blocks, grid = rank_grid(allocator.ranks())
+    kinds, blocks, grid = rank_grid(ranks)
     fig, (ax_map, ax_budget) = plt.subplots(
         1, 2, figsize=(4 + 0.45 * len(blocks) + 4, 1.5 + 0.4 * len(kinds)), gridspec_kw={"width_ratios": [3, 2]}
     )
-    image = ax_map.imshow(grid, cmap="viridis", vmin=0, vmax=max(allocator.init_ranks), aspect="auto")
+    image = ax_map.imshow(grid, cmap="viridis", vmin=0, vmax=max_rank, aspect="auto")
     ax_map.set_xticks(range(len(blocks)), [str(b) for b in blocks])
     ax_map.set_yticks(range(len(kinds)), kinds)
     ax_map.set_xlabel("block")
@@ -54,10 +63,10 @@ def plot_ranks(allocator: RankAllocator, path: str | os.PathLike) -> Path:
             if value == value:  # not NaN
                 ax_map.text(j, i, f"{int(value)}", ha="center", va="center", color="w", fontsize=8)
     fig.colorbar(image, ax=ax_map, fraction=0.046)
-    if allocator.history:
-        steps, budgets = zip(*allocator.history, strict=True)
+    if history:
+        steps, budgets = zip(*history, strict=True)
         ax_budget.plot(steps, budgets, marker=".")
-    ax_budget.axhline(allocator.target_bgt, color="grey", linestyle="--", label="target")
+    ax_budget.axhline(target_budget, color="grey", linestyle="--", label="target")
     ax_budget.set_xlabel("optimizer step")
     ax_budget.set_ylabel("total rank budget")
     ax_budget.set_title("budget schedule")

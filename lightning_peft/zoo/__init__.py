@@ -89,6 +89,7 @@ def build_entry(
     recipe: str | None = None,
     pictures: list[str | os.PathLike] | None = None,
     adapter_written: bool = False,
+    base_fingerprint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write a complete entry for ``model``'s adapters into ``folder``; returns the manifest.
 
@@ -102,16 +103,16 @@ def build_entry(
         recipe: the LightningCLI config text that produced the adapter, saved as ``config.yaml``.
         pictures: PNG files to copy in.
         adapter_written: the adapter files are already in ``folder`` (e.g. gathered from several ranks).
+        base_fingerprint: the base weights' :func:`fingerprint`, if already computed (on every rank, when sharded).
     """
     folder = Path(folder)
     if not adapter_written:
         _save_adapter(model, folder, config, base_model=base_model)
     method = "adalora" if isinstance(config, AdaLoRAConfig) else "lora"
-    names = []
     for picture in pictures or []:
         picture = Path(picture)
         (folder / picture.name).write_bytes(picture.read_bytes())
-        names.append(picture.name)
+    names = sorted(p.name for p in folder.glob("*.png"))  # copied here or written by the method callback
     if recipe:
         (folder / "config.yaml").write_text(recipe)
     metrics = {k: float(v) for k, v in (metrics or {}).items()}
@@ -127,7 +128,7 @@ def build_entry(
         folder,
         method=method,
         hyperparameters=hyper,
-        base_fingerprint=fingerprint(model, exclude=config.modules_to_save),
+        base_fingerprint=base_fingerprint or fingerprint(model, exclude=config.modules_to_save),
         base_model=base_model,
         base_class=type(model).__name__,
         metrics=metrics,

@@ -9,6 +9,7 @@ every file is checked against the manifest's sha256; a snapshot that fails is de
 
 from __future__ import annotations
 
+import builtins
 import os
 import shutil
 from pathlib import Path
@@ -153,7 +154,7 @@ class HubZoo:
             )
         return rows
 
-    def list(self) -> list[EntryInfo]:
+    def list(self) -> builtins.list[EntryInfo]:
         """The namespace's repos tagged ``lightning-peft``."""
         return self.search(author=self.namespace)
 
@@ -163,7 +164,7 @@ class HubZoo:
         method: str | None = None,
         base_model: str | None = None,
         author: str | None = None,
-    ) -> list[EntryInfo]:
+    ) -> builtins.list[EntryInfo]:
         """Repos tagged ``lightning-peft`` (and ``method``), by any author unless given, whose id contains ``query``."""
         tags = ["lightning-peft"] + ([method] if method else [])
         try:

@@ -13,6 +13,7 @@ publish leaves no entry, and readers never see a half-written one.
 
 from __future__ import annotations
 
+import builtins
 import os
 import shutil
 import tempfile
@@ -143,7 +144,7 @@ class LocalZoo:
         rev, path = self._resolve(name, revision)
         return EntryInfo.from_manifest(name, rev, read_manifest(path), str(path))
 
-    def list(self) -> list[EntryInfo]:
+    def list(self) -> builtins.list[EntryInfo]:
         """Every entry at its ``main`` revision, by name."""
         if not self.root.is_dir():
             return []
@@ -158,7 +159,7 @@ class LocalZoo:
 
     def search(
         self, query: str | None = None, method: str | None = None, base_model: str | None = None
-    ) -> list[EntryInfo]:
+    ) -> builtins.list[EntryInfo]:
         """Entries whose name contains ``query`` (case-insensitive), of ``method``, trained on ``base_model``."""
         found = self.list()
         if query:
