@@ -1,5 +1,7 @@
 """``lightning-peft fit|validate|test|predict --config recipe.yaml``: a LightningCLI with every PEFT callback.
 
+``lightning-peft zoo ...`` goes to :mod:`lightning_peft.zoo.cli` instead.
+
 The parser runs in jsonargparse's ``omegaconf`` mode, so a recipe can reuse a value with
 ``${...}`` interpolation (one rank figure for several callbacks, output paths derived from a run
 name). lightning-peft callbacks are known by their short names (``class_path: LoRA``). The current
@@ -42,7 +44,11 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> PeftCLI:
 
 
 def main() -> None:
-    """Entry point of the ``lightning-peft`` console script."""
+    """Entry point of the ``lightning-peft`` console script: ``zoo ...`` or a LightningCLI subcommand."""
+    if sys.argv[1:2] == ["zoo"]:
+        from lightning_peft.zoo.cli import main as zoo_main
+
+        sys.exit(zoo_main(sys.argv[2:]))
     build_cli()
 
 
