@@ -479,7 +479,8 @@ def test_budget_and_ranks_per_layer_reach_the_logger(tmp_path) -> None:
     quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[callback], logger=logger, log_every_n_steps=1).fit(
         FamilyModule("vit", n_batches=6)
     )
-    rows = list(csv.DictReader(open(tmp_path / "run" / "version_0" / "metrics.csv")))
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
     columns = set(rows[0])
     assert "adalora/budget" in columns
     rank_columns = sorted(c for c in columns if c.startswith("adalora/rank/"))
