@@ -13,11 +13,22 @@ from lightning_peft import LoRA
 from lightning_peft.cli import build_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted([*ROOT.glob("examples/**/*.yaml"), *ROOT.glob("zoo/**/*.yaml")])
+RECIPES = sorted(p for p in [*ROOT.glob("examples/**/*.yaml"), *ROOT.glob("zoo/**/*.yaml")] if p.name != "index.yaml")
 
 
 def test_there_are_recipes() -> None:
     assert any(p.name == "quickstart.yaml" for p in RECIPES)
+
+
+def test_zoo_index_lists_every_recipe() -> None:
+    import yaml
+
+    index = yaml.safe_load((ROOT / "zoo" / "index.yaml").read_text())
+    listed = {e["recipe"] for e in index["entries"]}
+    on_disk = {p.name for p in (ROOT / "zoo").glob("*.yaml") if p.name != "index.yaml"}
+    assert listed == on_disk
+    for entry in index["entries"]:  # each recipe publishes under the name the index gives
+        assert f"name: {entry['name']}" in (ROOT / "zoo" / entry["recipe"]).read_text()
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
