@@ -44,3 +44,10 @@ def test_lora_adapters_identical_on_both_ranks(tmp_path) -> None:
     key = next(k for k in ranks[0] if k.endswith("attn.qkv.lora_B"))
     peft_key = "base_model.model." + key.removeprefix("model.") + ".weight"
     torch.testing.assert_close(saved[peft_key], ranks[0][key])
+    # ZooPublisher: gathered on both ranks, published once by rank 0
+    from lightning_peft.zoo import LocalZoo
+
+    zoo = LocalZoo(tmp_path / "zoo")
+    assert len(zoo.revisions("ddp-vit")) == 1
+    published = load_file(zoo.download("ddp-vit") / "adapter_model.safetensors")
+    torch.testing.assert_close(published[peft_key], ranks[0][key])

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lit_helpers import FamilyModule, quiet_trainer  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from lightning_peft import LoRA  # noqa: E402
+from lightning_peft import LoRA, ZooPublisher  # noqa: E402
 
 
 class Record(Callback):
@@ -47,6 +47,7 @@ def main() -> None:
     module = FamilyModule("vit", n_batches=8, lr=5e-2)
     callbacks = [
         LoRA(r=4, alpha=8, init="nonzero", modules_to_save=["head"], save_dir=str(out / "adapter")),
+        ZooPublisher(name="ddp-vit", root=str(out / "zoo"), base_model="tiny-vit"),
         Record(out),
     ]
     trainer = quiet_trainer(strategy="ddp", devices=2, max_epochs=2, limit_val_batches=0, callbacks=callbacks)
