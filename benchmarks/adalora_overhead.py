@@ -37,9 +37,15 @@ def build(hidden: int, layers: int, seed: int = 0) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=2048, hidden_size=hidden, intermediate_size=int(hidden * 2.75), num_hidden_layers=layers,
-                      num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
-                      max_position_embeddings=512)
+    cfg = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75),
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 64),
+        max_position_embeddings=512,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -58,8 +64,16 @@ def run_ours(kind: str, args: argparse.Namespace, data: list[torch.Tensor], devi
         inject_adapters(model, LoRAConfig(r=args.init_r, alpha=16, target_modules=TARGETS))
         alloc = None
     else:
-        cfg = AdaLoRAConfig(r=args.init_r, target_r=args.target_r, alpha=16, target_modules=TARGETS, tinit=1,
-                            tfinal=1, deltaT=1, total_step=total)
+        cfg = AdaLoRAConfig(
+            r=args.init_r,
+            target_r=args.target_r,
+            alpha=16,
+            target_modules=TARGETS,
+            tinit=1,
+            tfinal=1,
+            deltaT=1,
+            total_step=total,
+        )
         inject_adapters(model, cfg)
         alloc = RankAllocator(list(adapter_layers(model)), cfg, total_step=total)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -97,9 +111,20 @@ def run_peft(args: argparse.Namespace, data: list[torch.Tensor], device: torch.d
     import peft
 
     total = args.warmup + args.steps
-    model = peft.get_peft_model(build(args.hidden, args.layers), peft.AdaLoraConfig(
-        init_r=args.init_r, target_r=args.target_r, lora_alpha=16, target_modules=TARGETS, tinit=1, tfinal=1,
-        deltaT=1, total_step=total, lora_dropout=0.0)).to(device)
+    model = peft.get_peft_model(
+        build(args.hidden, args.layers),
+        peft.AdaLoraConfig(
+            init_r=args.init_r,
+            target_r=args.target_r,
+            lora_alpha=16,
+            target_modules=TARGETS,
+            tinit=1,
+            tfinal=1,
+            deltaT=1,
+            total_step=total,
+            lora_dropout=0.0,
+        ),
+    ).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     steps, alloc_times = [], []
     for step, ids in enumerate(data[:total]):
@@ -142,15 +167,23 @@ def main() -> None:
         import peft  # noqa: F401
     except ImportError:
         sys.exit("peft is not installed: pip install 'lightning-peft[peft]' (the comparison needs it)")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    data = [torch.randint(0, 2048, (args.batch, args.seq), generator=gen).to(device)
-            for _ in range(args.warmup + args.steps)]
+    data = [
+        torch.randint(0, 2048, (args.batch, args.seq), generator=gen).to(device)
+        for _ in range(args.warmup + args.steps)
+    ]
 
-    results = {"lora": run_ours("lora", args, data, device), "ours": run_ours("adalora", args, data, device),
-               "peft": run_peft(args, data, device)}
+    results = {
+        "lora": run_ours("lora", args, data, device),
+        "ours": run_ours("adalora", args, data, device),
+        "peft": run_peft(args, data, device),
+    }
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     lines = [
         f"AdaLoRA step cost, {datetime.date.today()}, {name} ({device.type}, {args.threads} threads), torch "
@@ -163,11 +196,16 @@ def main() -> None:
     for key, label in (("lora", "our LoRA (r = init_r)"), ("ours", "our AdaLoRA"), ("peft", "peft AdaLoRA")):
         r = results[key]
         share = r["alloc"] / r["step"] if r["step"] else 0.0
-        lines.append(f"| {label} | {1000 * r['step']:.1f} | {1000 * r['alloc']:.2f} | {100 * share:.2f} % | "
-                     f"{r['step'] / results['lora']['step']:.3f} |")
+        lines.append(
+            f"| {label} | {1000 * r['step']:.1f} | {1000 * r['alloc']:.2f} | {100 * share:.2f} % | "
+            f"{r['step'] / results['lora']['step']:.3f} |"
+        )
     ratio = results["ours"]["alloc"] / results["peft"]["alloc"] if results["peft"]["alloc"] else float("nan")
-    lines += ["", f"our allocator time / peft's: {ratio:.3f}; our AdaLoRA step / peft's: "
-              f"{results['ours']['step'] / results['peft']['step']:.3f}"]
+    lines += [
+        "",
+        f"our allocator time / peft's: {ratio:.3f}; our AdaLoRA step / peft's: "
+        f"{results['ours']['step'] / results['peft']['step']:.3f}",
+    ]
     text = "\n".join(lines)
     print(text)
     if args.markdown:
