@@ -62,4 +62,14 @@ def quiet_trainer(**kwargs) -> pl.Trainer:
     return pl.Trainer(**{**defaults, **kwargs})
 
 
-__all__ = ["FamilyModule", "SeedDataset", "example_inputs", "quiet_trainer"]
+def moved_key(key: str, callback) -> str:
+    """Where a base weight's key lands after a callback's injection (``x.weight`` -> ``x.base_layer.weight``)."""
+    root = f"{callback.backbone_path}." if callback.backbone_path else ""
+    for layer in callback.adapted:
+        prefix = f"{root}{layer}."
+        if key.startswith(prefix):
+            return f"{prefix}base_layer.{key[len(prefix) :]}"
+    return key
+
+
+__all__ = ["FamilyModule", "SeedDataset", "example_inputs", "moved_key", "quiet_trainer"]

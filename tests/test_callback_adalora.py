@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lit_helpers import FamilyModule, quiet_trainer
+from lit_helpers import FamilyModule, moved_key, quiet_trainer
 from tiny_models import FAMILIES, forward
 from torch.utils.data import DataLoader
 
@@ -40,16 +40,6 @@ def svd_layers(module: torch.nn.Module) -> list[tuple[str, SVDLoRALayer]]:
     layers = [(n, layer) for n, layer in adapter_layers(module) if isinstance(layer, SVDLoRALayer)]
     assert layers, "no SVD adapter layer"
     return layers
-
-
-def _moved_key(key: str, callback: AdaLoRA) -> str:
-    """Where a base weight's key lands after injection (``x.weight`` -> ``x.base_layer.weight``)."""
-    root = f"{callback.backbone_path}." if callback.backbone_path else ""
-    for layer in callback.adapted:
-        prefix = f"{root}{layer}."
-        if key.startswith(prefix):
-            return f"{prefix}base_layer.{key[len(prefix) :]}"
-    return key
 
 
 @dataclass
@@ -97,7 +87,7 @@ def test_fit_prunes_shrinks_saves_and_reloads(name: str, fitted) -> None:
     # the frozen backbone is bit-for-bit untouched
     after = module.state_dict()
     for key, value in run.before.items():
-        torch.testing.assert_close(after[_moved_key(key, callback)], value, rtol=0, atol=0)
+        torch.testing.assert_close(after[moved_key(key, callback)], value, rtol=0, atol=0)
 
     # every layer was physically shrunk to the triplets it kept
     ranks = {}

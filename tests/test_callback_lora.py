@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lit_helpers import FamilyModule, quiet_trainer
+from lit_helpers import FamilyModule, moved_key, quiet_trainer
 from tiny_models import FAMILIES, forward
 
 from lightning_peft import LoRA
@@ -18,16 +18,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def lora_state(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items() if ".lora_" in k}
-
-
-def _moved_key(key: str, callback: LoRA) -> str:
-    """Where a base weight's key lands after injection (``x.weight`` -> ``x.base_layer.weight``)."""
-    root = f"{callback.backbone_path}." if callback.backbone_path else ""
-    for layer in callback.adapted:
-        prefix = f"{root}{layer}."
-        if key.startswith(prefix):
-            return f"{prefix}base_layer.{key[len(prefix) :]}"
-    return key
 
 
 def _targets(name: str) -> list[str] | None:
@@ -55,7 +45,7 @@ def test_fit_trains_only_the_adapters(name: str, tmp_path) -> None:
     assert all(n.rsplit(".", 1)[-1].startswith("lora_") for n, p in module.named_parameters() if p.requires_grad)
     after = module.state_dict()
     for key, value in before.items():  # every base tensor is bit-for-bit untouched
-        torch.testing.assert_close(after[_moved_key(key, callback)], value, rtol=0, atol=0)
+        torch.testing.assert_close(after[moved_key(key, callback)], value, rtol=0, atol=0)
     assert all(layer.lora_B.abs().sum() > 0 for _, layer in adapter_layers(module.model)), "adapters did not train"
     # the saved adapter reproduces the trained model on a fresh base
     fresh = FAMILIES[name](seed=0).eval()
