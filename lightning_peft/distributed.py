@@ -29,6 +29,7 @@ __all__ = [
     "rank_zero_only",
     "seeded_generator",
     "stable_seed",
+    "unwrapped_class",
 ]
 
 T = TypeVar("T")
@@ -114,6 +115,15 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     Gathering is a collective: call it on every rank.
     """
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def unwrapped_class(module: torch.nn.Module) -> type:
+    """The model's own class: FSDP2's ``fully_shard`` swaps in a generated ``FSDP<Name>`` subclass."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return type(module)
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
 
 
 def stable_seed(seed: int, step: int) -> int:

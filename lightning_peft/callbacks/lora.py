@@ -125,6 +125,11 @@ class LoRA(Callback):
             config = dataclasses.replace(config, target_modules=list(preset.target_modules))
         self.adapted = inject_adapters(root, config)
         self.config = config
+        # Every rank starts from rank 0's adapter init. DDP would broadcast it when wrapping the model, but
+        # FSDP2 keeps each rank's own shard of its own init; this makes the start independent of the strategy.
+        for _, layer in adapter_layers(root):
+            for param in layer.parameters(recurse=False):
+                distributed.broadcast_tensor(param.data)
         trainable, total = count_parameters(root)
         where = self.backbone_path or type(pl_module).__name__
         rank_zero_info(

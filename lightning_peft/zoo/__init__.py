@@ -32,6 +32,7 @@ from torch import nn
 
 from lightning_peft.adapters import AdaLoRAConfig, LoRAConfig, adapter_layers, load_adapter, read_adapter_config
 from lightning_peft.adapters import save_adapter as _save_adapter
+from lightning_peft.distributed import unwrapped_class
 from lightning_peft.zoo.card import write_card
 from lightning_peft.zoo.entry import (
     MANIFEST,
@@ -130,7 +131,7 @@ def build_entry(
         hyperparameters=hyper,
         base_fingerprint=base_fingerprint or fingerprint(model, exclude=config.modules_to_save),
         base_model=base_model,
-        base_class=type(model).__name__,
+        base_class=unwrapped_class(model).__name__,
         metrics=metrics,
         schedule=schedule,
     )
