@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     zoo = _zoo(args)
     try:
         if args.command == "list":
-            _table(zoo.list(), f"lightning-peft zoo: {getattr(zoo, 'root', '') or zoo.endpoint or 'Hub'}")
+            where = zoo.root if isinstance(zoo, LocalZoo) else (zoo.endpoint or "the Hugging Face Hub")
+            _table(zoo.list(), f"lightning-peft zoo: {where}")
         elif args.command == "search":
             _table(zoo.search(args.query, method=args.method, base_model=args.base_model), "search results")
         elif args.command == "info":
