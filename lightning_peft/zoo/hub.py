@@ -39,10 +39,10 @@ def _translate(err: Exception, repo_id: str, revision: str | None = None) -> Exc
         return HubError(f"revision {revision!r} of {repo_id} does not exist on the Hub")
     if isinstance(err, RepositoryNotFoundError):
         return HubError(f"{repo_id} was not found on the Hub (or it is private and your token cannot see it)")
+    if isinstance(err, LocalEntryNotFoundError | OfflineModeIsEnabled):  # before EntryNotFoundError: a subclass
+        return HubError(f"the Hub cannot be reached and {repo_id} is not in the local cache ({err})")
     if isinstance(err, EntryNotFoundError):
         return HubError(f"{repo_id} lacks a file the entry needs: {err}")
-    if isinstance(err, LocalEntryNotFoundError | OfflineModeIsEnabled):
-        return HubError(f"the Hub cannot be reached and {repo_id} is not in the local cache (offline: {err})")
     if isinstance(err, HfHubHTTPError):
         status = getattr(err.response, "status_code", None)
         if status in (401, 403):
