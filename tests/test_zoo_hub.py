@@ -48,6 +48,9 @@ def test_publish_search_download_load_and_revisions(hub, tmp_path, monkeypatch) 
     fresh = FAMILIES["llama"](seed=0).eval()
     zoo.load(fresh, "llama-qv", zoo=remote)
     torch.testing.assert_close(forward("llama", fresh), out)
+    folder = remote.download("llama-qv")
+    assert all(hub.token.encode() not in p.read_bytes() for p in folder.iterdir())  # the token is never written
+    assert hub.token not in repr(remote)
 
     with torch.no_grad():  # a second publish is a new revision; the first stays reachable
         for _, layer in adapter_layers(model):
