@@ -107,7 +107,7 @@ class AdaLoRA(LoRA):
         self.outcome: dict[str, Any] = {}  # final ranks and budget history, kept after fit for pictures and the zoo
         self._pending: dict[str, Any] | None = None
         self._last_step = -1
-        self.penalty = 0.0
+        self.penalty = torch.zeros(())
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -171,9 +171,12 @@ class AdaLoRA(LoRA):
             ranks = {f"adalora/rank/{name}": float(rank) for name, rank in alloc.ranks().items()}
             for logger in trainer.loggers:
                 logger.log_metrics(ranks, step=trainer.global_step)
-        kept = sum(int(m.sum()) for m in alloc.masks)
         pl_module.log_dict(
-            {"adalora/budget": float(alloc.budget), "adalora/kept_ranks": float(kept), "adalora/orth": self.penalty},
+            {
+                "adalora/budget": float(alloc.budget),
+                "adalora/kept_ranks": float(alloc.kept),
+                "adalora/orth": self.penalty,
+            },
             on_step=True,
             on_epoch=False,
         )

@@ -105,6 +105,7 @@ class RankAllocator:
             self._group_scores.append((view_a, view_e, view_b))
             offset += size_a + n * r + size_b
         self.masks: list[torch.Tensor] = [torch.ones(r, dtype=torch.bool, device=device) for r in self.init_ranks]
+        self._kept = self.init_bgt
         self.rank_pattern: list[torch.Tensor] | None = None  # frozen at total_step - tfinal
         self.budget = self.init_bgt
         self.updates = 0
@@ -158,6 +159,7 @@ class RankAllocator:
         self._exp_avg_ipt.copy_(state["exp_avg_ipt"].to(device))
         self._exp_avg_unc.copy_(state["exp_avg_unc"].to(device))
         self.masks = [m.to(device) for m in state["masks"]]
+        self._kept = int(sum(int(m.sum()) for m in self.masks))
         self.rank_pattern = None if state["rank_pattern"] is None else [m.to(device) for m in state["rank_pattern"]]
         self.budget = int(state["budget"])
         self.updates = int(state["updates"])
@@ -231,8 +233,15 @@ class RankAllocator:
         self._apply(masks)
         return masks
 
+    @property
+    def kept(self) -> int:
+        """Number of triplets the current masks keep (computed when the masks change, not on every step)."""
+        return self._kept
+
     @torch.no_grad()
     def _apply(self, masks: list[torch.Tensor]) -> None:
+        if masks is not self.masks:
+            self._kept = int(torch.stack([m.sum() for m in masks]).sum())
         self.masks = masks
         e: list[torch.Tensor] = [layer.lora_E for layer in self.layers]
         factors: list[torch.Tensor] = [m.view(-1, 1).to(e[0].dtype) for m in masks]
@@ -267,19 +276,18 @@ class RankAllocator:
 
     # ---------------------------------------------------------------------------------- regulariser
     @torch.no_grad()
-    def add_orthogonal_grad(self, weight: float | None = None) -> float:
+    def add_orthogonal_grad(self, weight: float | None = None) -> torch.Tensor:
         """Add the gradient of ``weight * mean_M ||M - I||_F`` over ``M = A Aᵀ`` and ``M = Bᵀ B`` to ``.grad``.
 
         ``d||A Aᵀ - I||_F / dA = 2 (A Aᵀ - I) A / ||A Aᵀ - I||_F`` and
         ``d||Bᵀ B - I||_F / dB = 2 B (Bᵀ B - I) / ||Bᵀ B - I||_F``.
-        Computed on the parameters' values, without autograd or a second backward. Returns the penalty value.
+        Computed on the parameters' values, without autograd or a second backward. Returns the penalty value as a
+        0-d tensor (no device synchronisation on the training path).
         """
         w = self.config.orth_reg_weight if weight is None else weight
-        if w == 0:
-            return 0.0
         n_mats = 2 * sum(1 for layer in self.layers if layer.r > 0)
-        if n_mats == 0:
-            return 0.0
+        if w == 0 or n_mats == 0:
+            return torch.zeros((), device=self._exp_avg_ipt.device)
         scale = w / n_mats
         total = torch.zeros((), device=self._exp_avg_ipt.device)
         for group in self._groups:
@@ -302,4 +310,4 @@ class RankAllocator:
                 for q in missing:
                     q.grad = torch.zeros_like(q)
                 torch._foreach_add_([q.grad for q in params], grads)  # type: ignore[misc]
-        return w * float(total) / n_mats
+        return total * (w / n_mats)
