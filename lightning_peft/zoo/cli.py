@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"published {args.name} revision {revision}")
         elif args.command == "rm":
             if not args.yes:
-                if not sys.stdin.isatty():
+                if sys.stdin is None or not sys.stdin.isatty():
                     print("error: rm deletes every revision; pass --yes to confirm", file=sys.stderr)
                     return 2
                 if input(f"delete {args.name} and all its revisions? [y/N] ").strip().lower() != "y":
