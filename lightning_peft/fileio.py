@@ -46,8 +46,9 @@ def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        dir_mode, file_mode = _mode(True), _mode(False)
         for path in [tmp, *tmp.rglob("*")]:
-            path.chmod(_mode(path.is_dir()))
+            path.chmod(dir_mode if path.is_dir() else file_mode)
         if not target.exists():
             os.replace(tmp, target)
             return

@@ -140,7 +140,7 @@ def match_targets(model: nn.Module, target_modules: Targets, exclude_modules: Ta
         if not (linear if all_linear else name_matches(name, target_modules)):
             continue
         if not isinstance(target_modules, str):
-            used.update(t for t in target_modules if name == t or name.endswith("." + t))
+            used.update(t for t in target_modules if name_matches(name, [t]))
         if name_matches(name, exclude_modules):
             result.excluded.append(name)
         elif is_supported_layer(module):

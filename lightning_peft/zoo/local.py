@@ -90,9 +90,9 @@ class LocalZoo:
 
     def publish(self, folder: str | os.PathLike, name: str) -> str:
         """Copy a built entry folder in as a new revision of ``name`` and point ``main`` at it. Returns the revision."""
+        entry = self._entry_dir(name)  # the name is checked before anything is read or written
         folder = Path(folder)
         manifest = verify_files(folder)
-        entry = self._entry_dir(name)
         revisions = entry / "revisions"
         revisions.mkdir(parents=True, exist_ok=True)
         revision = _revision_id(manifest)
