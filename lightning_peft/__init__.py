@@ -24,6 +24,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "AdaLoRA": "lightning_peft.callbacks",
     "LoRA": "lightning_peft.callbacks",
+    "LISA": "lightning_peft.callbacks",
+    "SelectiveDDPStrategy": "lightning_peft.strategies",
     "ZooPublisher": "lightning_peft.callbacks",
     "AdaLoRAConfig": "lightning_peft.adapters",
     "LoRAConfig": "lightning_peft.adapters",

@@ -19,7 +19,9 @@ import torch.distributed as dist
 
 __all__ = [
     "all_reduce",
+    "all_reduce_coalesced",
     "barrier",
+    "broadcast_coalesced",
     "broadcast_object",
     "broadcast_tensor",
     "full_tensor",
@@ -107,6 +109,54 @@ def all_reduce(tensor: torch.Tensor, op: Literal["sum", "mean", "max", "min"] = 
     if buf is not tensor:
         tensor.copy_(buf)
     return tensor
+
+
+def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
+    """Consecutive groups of one dtype and device, each at most ``bucket_bytes`` (a bigger tensor goes alone)."""
+    groups: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        last = groups[-1] if groups else None
+        if last is None or last[0].dtype != t.dtype or last[0].device != t.device or size + nbytes > bucket_bytes:
+            groups.append([t])
+            size = nbytes
+        else:
+            last.append(t)
+            size += nbytes
+    return groups
+
+
+def _coalesced(tensors: list[torch.Tensor], collective: Callable[[torch.Tensor], Any], bucket_bytes: int) -> None:
+    """Run an in-place ``collective`` on flat buckets packed from ``tensors``, then unpack into them."""
+    for bucket in _buckets(tensors, bucket_bytes):
+        if len(bucket) == 1:
+            collective(bucket[0])
+            continue
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        collective(flat)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def all_reduce_coalesced(
+    tensors: list[torch.Tensor], op: Literal["sum", "mean"] = "mean", bucket_bytes: int = 32 << 20
+) -> None:
+    """All-reduce many tensors in place with few collectives: packed into flat buckets of ``bucket_bytes``.
+
+    Every rank must pass tensors of the same shapes and dtypes in the same order. The temporary
+    memory is one bucket, not the sum of the tensors.
+    """
+    if is_distributed() and tensors:
+        _coalesced(tensors, lambda t: all_reduce(t, op), bucket_bytes)
+
+
+def broadcast_coalesced(tensors: list[torch.Tensor], src: int = 0, bucket_bytes: int = 32 << 20) -> None:
+    """Overwrite many tensors in place with rank ``src``'s values, packed into flat buckets."""
+    if is_distributed() and tensors:
+        _coalesced(tensors, lambda t: broadcast_tensor(t, src), bucket_bytes)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

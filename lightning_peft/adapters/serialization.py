@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lightning_peft.adapters.delta import is_delta_config, load_delta
 from lightning_peft.adapters.inject import adapter_layers, inject_adapters, remove_adapters
 from lightning_peft.adapters.lora import LoRAConfig
 from lightning_peft.adapters.svd import AdaLoRAConfig, SVDLoRALayer
@@ -232,6 +233,7 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
 def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> LoRAConfig | None:
     """Load an adapter saved by :func:`save_adapter` (or by peft, for LoRA) into ``model``, in place.
 
+    A weight-delta adapter (LISA, ID³, SaRA; see :mod:`.delta`) is applied to the base tensors instead.
     If ``model`` has no LoRA layers yet, they are injected first from ``adapter_config.json``. Every
     check runs before any weight is copied: a file that does not fit leaves the model unchanged.
 
@@ -250,6 +252,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     path = Path(path)
     file = _weights_file(path)
     tensors = _read_tensors(file)
+    config_file = (path if path.is_dir() else path.parent) / ADAPTER_CONFIG
+    if config_file.is_file() and is_delta_config(cfg := json.loads(config_file.read_text())):
+        load_delta(model, tensors, cfg)  # a weight delta (LISA, ID³, SaRA): applied to the base tensors
+        return None
     injected: LoRAConfig | None = None
     modules_to_save: list[str] = []
     if not any(True for _ in adapter_layers(model)):

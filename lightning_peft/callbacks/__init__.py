@@ -1,7 +1,13 @@
-"""Lightning callbacks, one per method: thin shells that call the pure-torch cores from the right hooks."""
+"""Lightning callbacks, one per method: thin shells that call the pure-torch cores from the right hooks.
+
+Importing this package also registers the ``"ddp_selective"`` strategy name
+(:class:`lightning_peft.strategies.SelectiveDDPStrategy`).
+"""
 
 from lightning_peft.callbacks.adalora import AdaLoRA
+from lightning_peft.callbacks.base import MethodCallback
+from lightning_peft.callbacks.lisa import LISA
 from lightning_peft.callbacks.lora import LoRA
 from lightning_peft.callbacks.zoo_publisher import ZooPublisher
 
-__all__ = ["AdaLoRA", "LoRA", "ZooPublisher"]
+__all__ = ["LISA", "AdaLoRA", "LoRA", "MethodCallback", "ZooPublisher"]

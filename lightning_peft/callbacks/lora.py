@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
@@ -24,11 +23,13 @@ from lightning_peft.adapters import (
 )
 from lightning_peft.adapters.lora import InitKind
 from lightning_peft.callbacks.backbone import resolve_backbone
+from lightning_peft.callbacks.base import MethodCallback
+from lightning_peft.zoo.entry import fingerprint
 
 __all__ = ["LoRA"]
 
 
-class LoRA(Callback):
+class LoRA(MethodCallback):
     """Fine-tune the backbone of any ``LightningModule`` with LoRA adapters.
 
     Hooks: ``setup`` injects the adapters and freezes the rest of the backbone, before
@@ -153,23 +154,14 @@ class LoRA(Callback):
             logger.log_metrics({k: float(v) for k, v in stats.items()}, step=trainer.global_step)
 
     @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.save_dir is None:
-            return
-        root, _, _ = resolve_backbone(pl_module, self.backbone)
-        self.saved_to = self.save(root, self.save_dir)
-        if self.saved_to is None:  # not rank 0
-            return
-        for picture in self.write_pictures(self.saved_to):
-            for logger in trainer.loggers:
-                if hasattr(logger, "log_image"):
-                    logger.log_image(key=f"{self.method}/{picture.stem}", images=[str(picture)])
-        rank_zero_info(f"{type(self).__name__}: adapter saved to {self.saved_to.resolve()}")
+    def hyperparameters(self) -> dict[str, Any]:
+        return self.config.to_dict()
 
-    def write_pictures(self, folder: Path) -> list[Path]:
-        """Write the method's pictures of what it decided into ``folder`` (rank 0); LoRA decides nothing to draw."""
-        return []
+    @override
+    def base_fingerprint(self, root: nn.Module) -> dict[str, Any]:
+        return fingerprint(root, exclude=self.config.modules_to_save)
 
+    @override
     def save(self, root: nn.Module, path: str | Path) -> Path | None:
         """Gather the adapter on every rank (sharded parameters become full tensors) and write it from rank 0.
 

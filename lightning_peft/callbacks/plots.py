@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lightning_peft.fileio import staged_file
 
-__all__ = ["plot_ranks", "rank_grid"]
+__all__ = ["bar_chart", "plot_layer_counts", "plot_ranks", "rank_grid"]
 
 
 def rank_grid(ranks: dict[str, int]) -> tuple[list[str], list[int], list[list[float]]]:
@@ -44,11 +44,7 @@ def plot_ranks(
         target_budget: the final budget (a dashed line).
         path: the PNG to write (atomically).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     kinds, blocks, grid = rank_grid(ranks)
     fig, (ax_map, ax_budget) = plt.subplots(
         1, 2, figsize=(4 + 0.45 * len(blocks) + 4, 1.5 + 0.4 * len(kinds)), gridspec_kw={"width_ratios": [3, 2]}
@@ -71,6 +67,21 @@ def plot_ranks(
     ax_budget.set_ylabel("total rank budget")
     ax_budget.set_title("budget schedule")
     ax_budget.legend()
+    return _save(fig, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as a PNG atomically and close it."""
+    plt = _pyplot()
     fig.tight_layout()
     try:
         with staged_file(path) as tmp:
@@ -78,3 +89,40 @@ def plot_ranks(
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def bar_chart(
+    labels: list[str],
+    values: list[float],
+    title: str,
+    ylabel: str,
+    path: str | os.PathLike,
+    reference: float | None = None,
+    reference_label: str = "",
+) -> Path:
+    """One bar per layer (labels on the x axis), with an optional dashed reference line, as a PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(2.5 + 0.35 * len(labels), 3.6))
+    ax.bar(range(len(values)), values, color="tab:blue")
+    ax.set_xticks(range(len(labels)), labels, rotation=90 if len(labels) > 8 else 0, fontsize=8)
+    if reference is not None:
+        ax.axhline(reference, color="grey", linestyle="--", label=reference_label)
+        ax.legend()
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_layer_counts(names: list[str], counts: list[int], n_layers: int, path: str | os.PathLike) -> Path:
+    """LISA: how many optimizer steps each block trained, against the uniform expectation."""
+    steps = sum(counts) / max(n_layers, 1)
+    expected = steps * n_layers / max(len(names), 1)
+    return bar_chart(
+        names,
+        [float(c) for c in counts],
+        f"LISA: steps each block trained ({n_layers} of {len(names)} at a time)",
+        "optimizer steps",
+        path,
+        reference=expected,
+        reference_label="uniform expectation",
+    )

@@ -13,14 +13,15 @@ from typing_extensions import override
 
 from lightning_peft import distributed
 from lightning_peft.callbacks.backbone import resolve_backbone
+from lightning_peft.callbacks.base import MethodCallback
 from lightning_peft.callbacks.lora import LoRA
-from lightning_peft.zoo import HubZoo, LocalZoo, build_entry, fingerprint, validate_name
+from lightning_peft.zoo import HubZoo, LocalZoo, build_entry, validate_name
 
 __all__ = ["ZooPublisher"]
 
 
 class ZooPublisher(Callback):
-    """Publish the adapter of the method callback placed before it (``LoRA``, ``AdaLoRA``) when fit ends.
+    """Publish the result of the method callback placed before it (``LoRA``, ``AdaLoRA``, ``LISA``…) when fit ends.
 
     Hooks: ``setup`` checks the name and that a method callback comes earlier in ``callbacks`` (so its
     ``on_fit_end``, e.g. AdaLoRA's shrink, has run first); ``on_fit_end`` gathers the adapter and the
@@ -59,12 +60,13 @@ class ZooPublisher(Callback):
         self.namespace, self.endpoint, self.private, self.base_model = namespace, endpoint, private, base_model
         self.revision: str | None = None
 
-    def _method(self, trainer: pl.Trainer) -> LoRA:
+    def _method(self, trainer: pl.Trainer) -> MethodCallback:
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
-        methods = [cb for cb in callbacks[: callbacks.index(self)] if isinstance(cb, LoRA)]
+        methods = [cb for cb in callbacks[: callbacks.index(self)] if isinstance(cb, MethodCallback)]
         if not methods:
             raise ValueError(
-                "ZooPublisher publishes the adapter of a LoRA/AdaLoRA callback listed before it in callbacks"
+                "ZooPublisher publishes the result of a method callback (LoRA, AdaLoRA, LISA, ID3, SaRA) listed "
+                "before it in callbacks"
             )
         return methods[-1]
 
@@ -84,20 +86,20 @@ class ZooPublisher(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         method = self._method(trainer)
         root, _, _ = resolve_backbone(pl_module, method.backbone)
-        base = fingerprint(root, exclude=method.config.modules_to_save)  # on every rank: sharded weights gather
+        base = method.base_fingerprint(root)  # on every rank: sharded weights gather
         with tempfile.TemporaryDirectory(prefix="lightning-peft-publish-") as tmp:
             folder = Path(tmp) / "entry"
             written = method.save(root, folder)  # every rank gathers, rank 0 writes
             self.revision = distributed.rank_zero_only(self._publish)(trainer, method, root, written, base)
         self.revision = distributed.broadcast_object(self.revision)
 
-    def _publish(self, trainer: pl.Trainer, method: LoRA, root, folder: Path, base: dict) -> str:
+    def _publish(self, trainer: pl.Trainer, method: MethodCallback, root, folder: Path, base: dict) -> str:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         pictures = method.write_pictures(folder)
         build_entry(
             folder,
             root,
-            method.config,
+            method.config if isinstance(method, LoRA) else None,
             self.name,
             base_model=self.base_model,
             metrics=metrics,
@@ -105,6 +107,9 @@ class ZooPublisher(Callback):
             adapter_written=True,
             base_fingerprint=base,
             pictures=None,
+            method=method.method,
+            hyperparameters=method.hyperparameters(),
+            schedule=method.schedule(),
         )
         target = (
             LocalZoo(self.root)

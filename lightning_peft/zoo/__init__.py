@@ -83,7 +83,7 @@ def resolve_zoo(name: str | None = None, zoo: Zoo | str | None = None) -> Zoo:
 def build_entry(
     folder: str | os.PathLike,
     model: nn.Module,
-    config: LoRAConfig,
+    config: LoRAConfig | None,
     name: str,
     base_model: str | None = None,
     metrics: dict[str, float] | None = None,
@@ -91,25 +91,33 @@ def build_entry(
     pictures: list[str | os.PathLike] | None = None,
     adapter_written: bool = False,
     base_fingerprint: dict[str, Any] | None = None,
+    method: str | None = None,
+    hyperparameters: dict[str, Any] | None = None,
+    schedule: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write a complete entry for ``model``'s adapters into ``folder``; returns the manifest.
 
     Args:
         folder: an empty (or adapter-only, with ``adapter_written``) folder.
         model: the adapted model (names relative to it), base weights as trained on.
-        config: the adapters' config.
+        config: the adapters' config (None for a method that is not LoRA layers, with ``adapter_written``).
         name: the entry's display name.
         base_model: a reference to the base weights (a Hub id, a path, a description).
         metrics: numbers for the card and manifest (e.g. the trainer's ``callback_metrics``).
         recipe: the LightningCLI config text that produced the adapter, saved as ``config.yaml``.
         pictures: PNG files to copy in.
         adapter_written: the adapter files are already in ``folder`` (e.g. gathered from several ranks).
-        base_fingerprint: the base weights' :func:`fingerprint`, if already computed (on every rank, when sharded).
+        base_fingerprint: the base weights' :func:`fingerprint`, if already computed (on every rank, when sharded,
+            or before training for methods that change the base weights).
+        method, hyperparameters, schedule: what the method callback reports; default: derived from ``config``.
     """
     folder = Path(folder)
+    if config is None and not (adapter_written and method and base_fingerprint):
+        raise ValueError("build_entry without a LoRA config needs adapter_written, method and base_fingerprint")
     if not adapter_written:
+        assert config is not None
         _save_adapter(model, folder, config, base_model=base_model)
-    method = "adalora" if isinstance(config, AdaLoRAConfig) else "lora"
+    method = method or ("adalora" if isinstance(config, AdaLoRAConfig) else "lora")
     for picture in pictures or []:
         picture = Path(picture)
         (folder / picture.name).write_bytes(picture.read_bytes())
@@ -117,10 +125,10 @@ def build_entry(
     if recipe:
         (folder / "config.yaml").write_text(recipe)
     metrics = {k: float(v) for k, v in (metrics or {}).items()}
-    hyper = config.to_dict()
+    hyper = hyperparameters if hyperparameters is not None else (config.to_dict() if config is not None else {})
     write_card(folder, name, method, base_model, metrics, hyper, names)
-    schedule = {}
-    if method == "adalora":
+    schedule = dict(schedule or {})
+    if method == "adalora" and not schedule:
         schedule = {
             "rank_pattern": read_adapter_config(folder).get("rank_pattern", {}),
             "final_ranks": {n: layer.r for n, layer in adapter_layers(model)},
@@ -129,7 +137,7 @@ def build_entry(
         folder,
         method=method,
         hyperparameters=hyper,
-        base_fingerprint=base_fingerprint or fingerprint(model, exclude=config.modules_to_save),
+        base_fingerprint=base_fingerprint or fingerprint(model, exclude=config.modules_to_save if config else ()),
         base_model=base_model,
         base_class=unwrapped_class(model).__name__,
         metrics=metrics,

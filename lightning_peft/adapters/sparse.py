@@ -1,0 +1,927 @@
+"""Sparse weight deltas: train selected scalar entries of frozen weights with O(k) gradients and optimizer state.
+
+The shared core of the selective methods (ID³, SaRA). ``k`` scalar entries of some base tensors are
+trained; everything else stays frozen. Three objects carry it:
+
+* :class:`SparseDeltaBank` holds **one** flat trainable ``nn.Parameter`` ``values`` of a fixed
+  ``capacity`` (the budget) and the bookkeeping of which slots are in use. Its identity and size never
+  change, so the optimizer and the DistributedDataParallel wrapper, built once, keep working while the
+  selection grows or changes. It is registered once, as ``sparse_delta_bank`` inside the first wrapped
+  layer (in model order), and referenced by the others: registering it on the model root would make it
+  a member of a root ``nn.Sequential`` / ``nn.ModuleList`` (iterated by their ``forward``, counted by
+  ``len``, returned by ``net[-1]``). :func:`sparse_bank` finds it.
+* :class:`SparseDeltaLayer` wraps a module (``nn.Linear``, ``nn.Conv2d``, transformers ``Conv1D``,
+  ``LayerNorm``, ``Embedding``, ...) whose selected parameters stay frozen under ``base_layer.``. For
+  every selected parameter ``p`` it keeps, as checkpointed buffers, the flat positions of the chosen
+  entries (``sparse_<p>_indices``), their pretrained values (``sparse_<p>_base``), the learned delta
+  of entries that left the active set (``sparse_<p>_frozen``) and the bank slot of active entries
+  (``sparse_<p>_slots``, -1 for retired ones).
+* :func:`inject_sparse` / :func:`remove_sparse` put the layers into a model and take them out.
+
+**Merged in place.** The base tensor itself holds the effective value,
+``W.view(-1)[indices] == base + frozen + values[slots]`` (cast to ``W``'s dtype, always computed from
+``base``, so rounding never accumulates). A forward therefore costs the base module's forward; no
+dense copy of ``W`` is made. The merge is refreshed lazily: the forward compares the bank's in-place
+version counter (bumped by every optimizer step) with the last one it synced and, if it moved,
+rewrites the ``k`` active entries (O(k)).
+
+**Gradient path.** In a forward that needs gradients each selected tensor goes through
+``_SparseTap``: an autograd function whose forward returns ``W`` itself (a view, no copy) and whose
+backward receives the transient dense gradient of ``W`` and returns ``grad.view(-1)[active positions]``
+for the gathered bank values; ``index_select``'s backward scatters that into the bank's gradient. So
+the only ``.grad`` in the model is the bank's (``capacity`` floats); base weights keep ``grad=None``.
+A layer with no active entries and no :attr:`SparseDeltaLayer.grad_hook` runs the base module as is.
+
+**Optimizer state carries over by construction.** The bank parameter never changes, so the
+optimizer is never rebuilt. An entry added at step ``t`` gets a slot whose moments are zero, under the
+parameter's shared step counter: exactly what a dense AdamW with a gradient mask gives an entry that
+was masked until ``t`` (its moments stayed zero, its update was zero). Growth thus needs no copying.
+A slot that is freed (:meth:`SparseDeltaLayer.retire`) still has the moments of its old entry: reset
+them with :func:`reset_optimizer_slots` right after retiring, so free slots keep zero value and zero
+moments (an Adam update of a zero-moment slot is zero) and the next entry that gets the slot starts
+clean. Weight decay acts on the bank, i.e. it pulls each delta towards the pretrained value.
+
+**Saving.** :func:`sparse_state_dict` gives ``<module>.<param>.indices`` (int64, strictly increasing)
+and ``<module>.<param>.values`` (float32 deltas from the pretrained values), the ``"sparse"`` format
+of :mod:`lightning_peft.adapters.delta`; :func:`apply_sparse_delta` adds them onto a plain base model
+after checking everything. A model ``state_dict`` (a training checkpoint) holds the grown buffers;
+:meth:`SparseDeltaLayer._load_from_state_dict` resizes them, so a freshly injected model resumes it.
+
+Not supported: DTensor weights (FSDP2); tied weights (a tensor used under two names is refused by :func:`inject_sparse`).
+
+Example:
+    >>> from torch import nn
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> bank = inject_sparse(net, {"0": ("weight",), "2": ("weight", "bias")}, capacity=8)
+    >>> layer = dict(sparse_layers(net))["0"]
+    >>> layer.add("weight", torch.tensor([0, 5, 9]))
+    tensor([0, 1, 2])
+    >>> opt = torch.optim.AdamW([bank.values], lr=0.1)
+    >>> net(torch.randn(3, 4)).sum().backward()
+    >>> [n for n, p in net.named_parameters() if p.grad is not None]
+    ['0.sparse_delta_bank.values']
+    >>> opt.step()
+    >>> sorted(sparse_state_dict(net))
+    ['0.weight.indices', '0.weight.values']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from lightning_peft.adapters.targeting import is_conv1d
+
+__all__ = [
+    "BANK_NAME",
+    "SparseDeltaBank",
+    "SparseDeltaLayer",
+    "apply_sparse_delta",
+    "inject_sparse",
+    "remove_sparse",
+    "reset_optimizer_slots",
+    "sparse_bank",
+    "sparse_layers",
+    "sparse_state_dict",
+]
+
+BANK_NAME = "sparse_delta_bank"
+"""Name of the bank's submodule in the first sparse layer (its parameter is ``<layer>.sparse_delta_bank.values``)."""
+
+GradHook = Callable[["SparseDeltaLayer", str, torch.Tensor], None]
+
+_FIELDS = ("indices", "base", "frozen", "slots")  # persistent, per selected parameter
+_CACHES = ("active_indices", "active_slots", "active_base")  # derived, not checkpointed
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" or hasattr(tensor, "full_tensor")
+
+
+def _no_dtensor(tensor: torch.Tensor, where: str) -> None:
+    if _is_dtensor(tensor):
+        raise NotImplementedError(
+            f"{where} is a DTensor (FSDP2 / tensor parallel): sparse deltas are not supported under FSDP2; "
+            "train ID3/SaRA with DDP or a single device"
+        )
+
+
+def _sample(tensor: torch.Tensor, n: int = 5) -> list[int]:
+    return [int(v) for v in tensor[:n].tolist()]
+
+
+# ------------------------------------------------------------------------------------------------ bank
+class SparseDeltaBank(nn.Module):
+    """One flat trainable tensor of fixed size holding every active sparse delta, and its free-slot bookkeeping.
+
+    Args:
+        capacity: number of slots (the largest number of entries trained at once), ``> 0``.
+        dtype: floating dtype of ``values`` (float32 by default, whatever the weights' dtype).
+        device: where ``values`` lives (the weights' device).
+
+    Raises:
+        ValueError: ``capacity`` is not a positive integer or ``dtype`` is not floating.
+
+    Example:
+        >>> bank = SparseDeltaBank(4)
+        >>> bank.allocate(3)
+        tensor([0, 1, 2])
+        >>> bank.release(torch.tensor([1]))
+        >>> bank.allocate(2), bank.used
+        (tensor([1, 3]), 4)
+    """
+
+    def __init__(
+        self, capacity: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> None:
+        super().__init__()
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
+            raise ValueError(f"the sparse budget (capacity) must be a positive integer, got {capacity!r}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"the sparse bank holds trainable values and needs a floating dtype, got {dtype}")
+        self.capacity = capacity
+        self.values = nn.Parameter(torch.zeros(capacity, dtype=dtype, device=device))
+        self.register_buffer("in_use", torch.zeros(capacity, dtype=torch.bool, device=device))
+        self._used = 0  # mirrors in_use.sum(), kept on the host
+        self._low = 0  # every slot below it is in use
+
+    @property
+    def used(self) -> int:
+        """Number of slots in use."""
+        return self._used
+
+    @property
+    def free(self) -> int:
+        """Number of free slots."""
+        return self.capacity - self._used
+
+    @torch.no_grad()
+    def allocate(self, n: int) -> torch.Tensor:
+        """Take the ``n`` lowest free slots; their values are zero.
+
+        Raises:
+            ValueError: fewer than ``n`` slots are free.
+        """
+        device = self.in_use.device
+        if n <= 0:
+            return torch.empty(0, dtype=torch.long, device=device)
+        if n > self.free:
+            raise ValueError(
+                f"the sparse budget (capacity {self.capacity}) is full: {self._used} slots are in use and {n} more "
+                "were asked for; retire entries first or inject with a larger capacity"
+            )
+        block = self.in_use[self._low : self._low + n]
+        if block.numel() == n and not bool(block.any()):  # the common case: the free slots are a tail
+            slots = torch.arange(self._low, self._low + n, device=device)
+        else:
+            slots = (~self.in_use[self._low :]).nonzero().squeeze(1)[:n] + self._low
+        self.in_use[slots] = True
+        self.values.index_fill_(0, slots, 0.0)
+        self._used += n
+        self._low = int(slots[-1]) + 1
+        return slots
+
+    @torch.no_grad()
+    def release(self, slots: torch.Tensor) -> None:
+        """Zero the values at ``slots`` and mark them free.
+
+        Reset the optimizer's state at these slots too (:func:`reset_optimizer_slots`).
+
+        Raises:
+            ValueError: a slot is out of range, repeated, or not in use.
+        """
+        slots = torch.as_tensor(slots, dtype=torch.long, device=self.in_use.device).reshape(-1)
+        if slots.numel() == 0:
+            return
+        if int(slots.min()) < 0 or int(slots.max()) >= self.capacity:
+            raise ValueError(f"slots must be in [0, {self.capacity}), got {_sample(slots)}...")
+        if slots.unique().numel() != slots.numel() or not bool(self.in_use[slots].all()):
+            raise ValueError("release() got a slot twice or a slot that is not in use")
+        self.values.index_fill_(0, slots, 0.0)
+        self.in_use[slots] = False
+        self._used -= slots.numel()
+        self._low = min(self._low, int(slots.min()))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        self._used = int(self.in_use.sum())
+        free = (~self.in_use).nonzero()
+        self._low = int(free[0]) if free.numel() else self.capacity
+
+    def extra_repr(self) -> str:
+        return f"capacity={self.capacity}, used={self._used}, dtype={self.values.dtype}"
+
+
+# ------------------------------------------------------------------------------------------------ tap
+class _SparseTap(torch.autograd.Function):
+    """Forward: ``W`` itself (a view). Backward: the dense gradient of ``W`` gathered at the active positions."""
+
+    @staticmethod
+    def forward(ctx, weight, gathered, positions, layer, name):  # type: ignore[override]
+        ctx.positions, ctx.layer, ctx.name, ctx.dtype = positions, layer, name, gathered.dtype
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        hook = ctx.layer.grad_hook
+        if hook is not None:
+            hook(ctx.layer, ctx.name, grad)
+        picked = grad.reshape(-1).index_select(0, ctx.positions).to(ctx.dtype)
+        return None, picked, None, None, None
+
+
+# ------------------------------------------------------------------------------------------------ layer
+def _check_params(module: nn.Module, param_names: tuple[str, ...] | list[str], where: str) -> tuple[str, ...]:
+    if isinstance(param_names, str) or not param_names:
+        raise ValueError(f"{where}: give a non-empty tuple of parameter names, e.g. ('weight',), got {param_names!r}")
+    names = tuple(param_names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: parameter names repeat: {names}")
+    if isinstance(module, SparseDeltaLayer):
+        raise ValueError(f"{where} already has a sparse delta; remove_sparse() before injecting again")
+    own = [n for n, p in module._parameters.items() if p is not None]
+    for name in names:
+        param = module._parameters.get(name)
+        if param is None:
+            raise ValueError(
+                f"{where} ({type(module).__name__}) has no parameter {name!r} of its own; it has: {own or 'none'}"
+            )
+        _no_dtensor(param, f"{where}.{name}")
+        if not param.is_floating_point():
+            raise ValueError(f"{where}.{name} is {param.dtype}; only floating tensors can take a sparse delta")
+        if not param.is_contiguous():
+            raise ValueError(f"{where}.{name} is not contiguous; sparse deltas index the flat storage of a weight")
+    return names
+
+
+def _fast_kind(module: nn.Module) -> str | None:
+    cls = type(module)
+    if cls is nn.Linear:
+        return "linear"
+    if cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        return "conv"
+    if is_conv1d(module):
+        return "conv1d"
+    return None
+
+
+class SparseDeltaLayer(nn.Module):
+    """A module whose selected parameters train a sparse, merged-in-place delta held in a shared bank.
+
+    The wrapped module keeps its parameters (frozen) under ``base_layer``. Entries join with
+    :meth:`add` and leave with :meth:`retire`; what they learned stays in the weight.
+
+    Args:
+        base_layer: the module to adapt (any module; ``nn.Linear``, ``nn.Conv*d`` and transformers ``Conv1D``
+            use a direct forward, others go through ``torch.func.functional_call``).
+        param_names: the module's own parameters that take a delta, e.g. ``("weight",)``.
+        bank: the model's :class:`SparseDeltaBank` (referenced, not registered; :func:`inject_sparse` registers it
+            once, in the first layer).
+
+    Attributes:
+        grad_hook: ``hook(layer, param_name, dense_grad)`` called in backward with the dense gradient of each
+            selected tensor (for scoring entries that are not selected yet; the tensor is transient, do not keep
+            it). While set, a layer with no active entries still routes its weights through the tap. None: off.
+            Under DDP the gradient is this rank's and this micro-batch's, before any all-reduce.
+        merged: whether the weights hold the learned values (:meth:`unmerge` restores the pretrained ones).
+
+    Raises:
+        ValueError: a name is not a floating, contiguous parameter of ``base_layer`` itself.
+        NotImplementedError: a weight is a DTensor (FSDP2).
+
+    Example:
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> bank = SparseDeltaBank(4)
+        >>> layer = SparseDeltaLayer(nn.Linear(3, 2), ("weight",), bank)
+        >>> layer.add("weight", torch.tensor([1, 4]))
+        tensor([0, 1])
+        >>> with torch.no_grad():
+        ...     _ = bank.values.copy_(torch.tensor([0.5, -0.5, 0.0, 0.0]))
+        >>> idx, delta = layer.delta("weight")
+        >>> idx.tolist(), delta.tolist()
+        ([1, 4], [0.5, -0.5])
+    """
+
+    grad_hook: GradHook | None
+
+    def __init__(self, base_layer: nn.Module, param_names: tuple[str, ...] | list[str], bank: SparseDeltaBank) -> None:
+        names = _check_params(base_layer, param_names, type(base_layer).__name__)
+        super().__init__()
+        self.base_layer = base_layer
+        object.__setattr__(self, "_bank", bank)  # not a submodule here: the bank is registered once per model
+        self.param_names = names
+        self.grad_hook = None
+        self.merged = True
+        self._fast = _fast_kind(base_layer)
+        self._synced_version: int | None = None
+        self._requires_grad = {n: p.requires_grad for n, p in base_layer.named_parameters(recurse=False)}
+        for param in base_layer.parameters(recurse=False):
+            param.requires_grad_(False)
+        for name in names:
+            weight = self._weight(name)
+            device = weight.device
+            long = torch.empty(0, dtype=torch.long, device=device)
+            self.register_buffer(f"sparse_{name}_indices", long.clone())
+            self.register_buffer(f"sparse_{name}_base", torch.empty(0, dtype=weight.dtype, device=device))
+            self.register_buffer(f"sparse_{name}_frozen", torch.empty(0, dtype=torch.float32, device=device))
+            self.register_buffer(f"sparse_{name}_slots", long.clone())
+            self.register_buffer(f"sparse_{name}_active_indices", long.clone(), persistent=False)
+            self.register_buffer(f"sparse_{name}_active_slots", long.clone(), persistent=False)
+            self.register_buffer(
+                f"sparse_{name}_active_base", torch.empty(0, dtype=weight.dtype, device=device), persistent=False
+            )
+
+    # ------------------------------------------------------------------------------------- access
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapper lacks come from the wrapped module (``in_channels``, ``weight``, ``num_embeddings``).
+
+        Model code often reads them from its submodules; the weights it gets hold the learned (merged) values.
+        """
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name == "base_layer":
+                raise
+            return getattr(base, name)
+
+    @property
+    def bank(self) -> SparseDeltaBank:
+        """The shared bank of delta values."""
+        return self._bank  # type: ignore[return-value]
+
+    def _weight(self, name: str) -> torch.Tensor:
+        return self.base_layer._parameters[name]  # type: ignore[return-value]
+
+    def _buf(self, name: str, field: str) -> torch.Tensor:
+        return self._buffers[f"sparse_{name}_{field}"]  # type: ignore[return-value]
+
+    def _set(self, name: str, field: str, value: torch.Tensor) -> None:
+        self._buffers[f"sparse_{name}_{field}"] = value
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.param_names:
+            raise ValueError(f"{name!r} takes no sparse delta here; this layer's parameters are {self.param_names}")
+
+    def indices(self, name: str) -> torch.Tensor:
+        """Flat positions of every entry of ``name`` ever selected (active or retired), in insertion order."""
+        self._check_name(name)
+        return self._buf(name, "indices")
+
+    def active_indices(self, name: str) -> torch.Tensor:
+        """Flat positions of the active entries of ``name``."""
+        self._check_name(name)
+        return self._buf(name, "active_indices")
+
+    def active_slots(self, name: str) -> torch.Tensor:
+        """Bank slots of the active entries of ``name`` (aligned with :meth:`active_indices`)."""
+        self._check_name(name)
+        return self._buf(name, "active_slots")
+
+    def active_count(self) -> int:
+        """Number of active (trained) entries over all selected parameters."""
+        return sum(self._buf(n, "active_slots").numel() for n in self.param_names)
+
+    def selected_count(self) -> int:
+        """Number of entries ever selected (active or retired)."""
+        return sum(self._buf(n, "indices").numel() for n in self.param_names)
+
+    def density(self) -> float:
+        """Active entries over the number of elements of the selected parameters."""
+        return self.active_count() / sum(self._weight(n).numel() for n in self.param_names)
+
+    # ------------------------------------------------------------------------------------- forward
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.merged:
+            return self.base_layer(*args, **kwargs)
+        values = self.bank.values
+        if values._version != self._synced_version:
+            self._sync_active()
+        if not (values.requires_grad and torch.is_grad_enabled()):
+            return self.base_layer(*args, **kwargs)
+        hook = self.grad_hook
+        overrides: dict[str, torch.Tensor] = {}
+        for name in self.param_names:
+            slots = self._buf(name, "active_slots")
+            if slots.numel():
+                gathered = values.index_select(0, slots)
+            elif hook is not None:
+                gathered = values[:0]  # no entry yet: an empty conduit, so that backward (and the hook) still runs
+            else:
+                continue
+            positions = self._buf(name, "active_indices")
+            overrides[name] = _SparseTap.apply(self._weight(name), gathered, positions, self, name)
+        if not overrides:
+            return self.base_layer(*args, **kwargs)
+        return self._call(overrides, args, kwargs)
+
+    def _call(self, overrides: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+        base = self.base_layer
+        if self._fast is not None and len(args) == 1 and not kwargs and not (base._forward_hooks or base._forward_pre_hooks):
+            x = args[0]
+            weight = overrides.get("weight", base.weight)
+            bias = overrides.get("bias", base.bias)
+            if self._fast == "linear":
+                return F.linear(x, weight, bias)
+            if self._fast == "conv":
+                return base._conv_forward(x, weight, bias)  # type: ignore[operator]
+            size_out = x.size()[:-1] + (weight.shape[-1],)  # transformers Conv1D: x @ W (in, out) + b
+            return torch.addmm(bias, x.view(-1, x.size(-1)), weight).view(size_out)
+        return functional_call(base, overrides, args, kwargs)
+
+    # ------------------------------------------------------------------------------------- merge
+    @torch.no_grad()
+    def _sync_active(self) -> None:
+        """Write ``base + bank value`` into the weight at the active entries (O(active))."""
+        values = self.bank.values
+        for name in self.param_names:
+            positions = self._buf(name, "active_indices")
+            if positions.numel() == 0:
+                continue
+            weight = self._weight(name)
+            _no_dtensor(weight, f"{type(self.base_layer).__name__}.{name}")
+            eff = self._buf(name, "active_base").float() + values.index_select(0, self._buf(name, "active_slots"))
+            weight.view(-1).index_copy_(0, positions, eff.to(weight.dtype))
+        self._synced_version = values._version
+
+    @torch.no_grad()
+    def _effective(self, name: str) -> torch.Tensor:
+        """``frozen + bank value`` of every selected entry of ``name`` (float32, insertion order)."""
+        delta = self._buf(name, "frozen").clone()
+        slots = self._buf(name, "slots")
+        active = slots >= 0
+        if bool(active.any()):
+            delta[active] += self.bank.values[slots[active]].float()
+        return delta
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Rewrite every selected entry of the weights from ``base``, ``frozen`` and the bank. Idempotent.
+
+        Raises:
+            NotImplementedError: a weight is a DTensor (FSDP2).
+        """
+        if not self.merged:
+            return
+        for name in self.param_names:
+            weight = self._weight(name)
+            _no_dtensor(weight, f"{type(self.base_layer).__name__}.{name}")
+            indices = self._buf(name, "indices")
+            if indices.numel():
+                eff = self._buf(name, "base").float() + self._effective(name)
+                weight.view(-1).index_copy_(0, indices, eff.to(weight.dtype))
+        self._synced_version = self.bank.values._version
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Make the weights hold the learned values again after :meth:`unmerge` (the normal state). Idempotent."""
+        self.merged = True
+        self.sync()
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Write the pretrained values back into the weights; the layer then runs as the base module. Idempotent.
+
+        While unmerged, the bank gets no gradient from this layer; :meth:`merge` restores the learned values.
+        """
+        for name in self.param_names:
+            indices = self._buf(name, "indices")
+            if indices.numel():
+                self._weight(name).view(-1).index_copy_(0, indices, self._buf(name, "base"))
+        self.merged = False
+        self._synced_version = None
+
+    # ------------------------------------------------------------------------------------- selection
+    def _refresh(self, name: str) -> None:
+        slots = self._buf(name, "slots")
+        active = slots >= 0
+        self._set(name, "active_indices", self._buf(name, "indices")[active])
+        self._set(name, "active_slots", slots[active])
+        self._set(name, "active_base", self._buf(name, "base")[active])
+        self._synced_version = None
+
+    def _locate(self, name: str, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(found, position in the buffers)`` of each flat index in ``wanted`` (position is junk where not found)."""
+        indices = self._buf(name, "indices")
+        if indices.numel() == 0:
+            return torch.zeros_like(wanted, dtype=torch.bool), torch.zeros_like(wanted)
+        ordered, order = indices.sort()
+        at = torch.searchsorted(ordered, wanted).clamp_(max=indices.numel() - 1)
+        return ordered[at] == wanted, order[at]
+
+    def _validate(self, name: str, flat: torch.Tensor, what: str) -> torch.Tensor:
+        self._check_name(name)
+        weight = self._weight(name)
+        _no_dtensor(weight, f"{type(self.base_layer).__name__}.{name}")
+        if not isinstance(flat, torch.Tensor) or flat.dtype != torch.long or flat.dim() != 1:
+            got = f"{flat.dtype} of shape {tuple(flat.shape)}" if isinstance(flat, torch.Tensor) else type(flat).__name__
+            raise ValueError(f"{what}: indices must be a 1-D int64 tensor of flat positions, got {got}")
+        flat = flat.to(weight.device)
+        if flat.numel():
+            low, high = int(flat.min()), int(flat.max())
+            if low < 0 or high >= weight.numel():
+                raise ValueError(
+                    f"{what}: flat indices must be in [0, {weight.numel()}) for {name} of shape "
+                    f"{tuple(weight.shape)}, got values from {low} to {high}"
+                )
+            if flat.unique().numel() != flat.numel():
+                raise ValueError(f"{what}: indices repeat; pass each flat position once")
+        return flat
+
+    @torch.no_grad()
+    def add(self, name: str, indices: torch.Tensor) -> torch.Tensor:
+        """Start training the entries at ``indices`` (flat positions into parameter ``name``).
+
+        A new entry gets a bank slot with value 0 and remembers the weight's current (pretrained) value as its
+        base. An entry that was retired resumes from what it had learned: its frozen delta moves into the slot.
+        Nothing changes if an error is raised.
+
+        Args:
+            name: a parameter of this layer's ``param_names``.
+            indices: 1-D int64 flat positions, unique, none of them active.
+
+        Returns:
+            The bank slots of the entries, in the order of ``indices``.
+
+        Raises:
+            ValueError: bad indices (type, range, repeats, already active), an unknown name, or a full bank.
+            NotImplementedError: the weight is a DTensor (FSDP2).
+        """
+        what = f"add({name!r})"
+        flat = self._validate(name, indices, what)
+        if flat.numel() == 0:
+            return torch.empty(0, dtype=torch.long, device=flat.device)
+        found, pos = self._locate(name, flat)
+        slots_buf = self._buf(name, "slots")
+        already = found.clone()
+        already[found] = slots_buf[pos[found]] >= 0
+        if bool(already.any()):
+            raise ValueError(f"{what}: {int(already.sum())} entries are already active, e.g. {_sample(flat[already])}")
+        slots = self.bank.allocate(flat.numel())  # raises, changing nothing, when the bank is full
+        values = self.bank.values
+        weight = self._weight(name)
+        # re-activated entries: their learned delta moves from `frozen` into the bank; W already holds it
+        old_pos = pos[found]
+        if old_pos.numel():
+            frozen = self._buf(name, "frozen")
+            values.index_copy_(0, slots[found], frozen[old_pos].to(values.dtype))
+            frozen[old_pos] = 0.0
+            slots_buf[old_pos] = slots[found]
+        new = ~found
+        if bool(new.any()):
+            fresh = flat[new]
+            self._set(name, "indices", torch.cat([self._buf(name, "indices"), fresh]))
+            self._set(name, "base", torch.cat([self._buf(name, "base"), weight.view(-1)[fresh]]))
+            zeros = torch.zeros(fresh.numel(), dtype=torch.float32, device=weight.device)
+            self._set(name, "frozen", torch.cat([self._buf(name, "frozen"), zeros]))
+            self._set(name, "slots", torch.cat([self._buf(name, "slots"), slots[new]]))
+        self._refresh(name)
+        return slots
+
+    @torch.no_grad()
+    def retire(self, name: str, indices: torch.Tensor) -> torch.Tensor:
+        """Stop training the entries at ``indices``; what they learned stays in the weight and in :meth:`delta`.
+
+        Args:
+            name: a parameter of this layer's ``param_names``.
+            indices: 1-D int64 flat positions of active entries.
+
+        Returns:
+            The freed bank slots: pass them to :func:`reset_optimizer_slots` so their optimizer state is cleared.
+
+        Raises:
+            ValueError: bad indices or entries that are not active.
+        """
+        what = f"retire({name!r})"
+        flat = self._validate(name, indices, what)
+        if flat.numel() == 0:
+            return torch.empty(0, dtype=torch.long, device=flat.device)
+        found, pos = self._locate(name, flat)
+        slots_buf = self._buf(name, "slots")
+        inactive = ~found
+        inactive[found] = slots_buf[pos[found]] < 0
+        if bool(inactive.any()):
+            raise ValueError(f"{what}: {int(inactive.sum())} entries are not active, e.g. {_sample(flat[inactive])}")
+        slots = slots_buf[pos].clone()
+        frozen = self._buf(name, "frozen")
+        frozen[pos] = self.bank.values[slots].float()
+        slots_buf[pos] = -1
+        if self.merged:  # the weight may not have seen the last optimizer step yet
+            weight = self._weight(name)
+            eff = self._buf(name, "base")[pos].float() + frozen[pos]
+            weight.view(-1).index_copy_(0, flat, eff.to(weight.dtype))
+        self.bank.release(slots)
+        self._refresh(name)
+        return slots
+
+    @torch.no_grad()
+    def delta(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(indices, values)``: every entry of ``name`` ever selected and its learned delta from the pretrained value.
+
+        Indices are int64 and sorted; values are float32 (``frozen + bank value``).
+        """
+        self._check_name(name)
+        indices = self._buf(name, "indices")
+        order = indices.argsort()
+        return indices[order], self._effective(name)[order]
+
+    # ------------------------------------------------------------------------------------- checkpoint
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        # The selection grows during training, so a checkpoint's buffers are larger than a fresh layer's: take the
+        # incoming shapes before the copy. The weight loads with the base layer (it holds merged values already).
+        for name in self.param_names:
+            for field in _FIELDS:
+                key = f"{prefix}sparse_{name}_{field}"
+                incoming = state_dict.get(key)
+                own = self._buf(name, field)
+                if isinstance(incoming, torch.Tensor) and incoming.shape != own.shape:
+                    self._set(name, field, torch.empty(incoming.shape, dtype=own.dtype, device=own.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        for name in self.param_names:
+            self._refresh(name)  # also forces a resync on the next forward, after the bank has loaded too
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"{n}: {self._buf(n, 'active_slots').numel()} active / {self._buf(n, 'indices').numel()} selected"
+            for n in self.param_names
+        ]
+        return ", ".join(parts) + f", merged={self.merged}"
+
+
+# ------------------------------------------------------------------------------------------------ model level
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _walk(module: nn.Module, path: str, clean: str) -> Iterator[tuple[str, str, nn.Module]]:
+    yield path, clean, module
+    for child_name, child in module._modules.items():
+        if child is None:
+            continue
+        child_path = f"{path}.{child_name}" if path else child_name
+        if isinstance(module, SparseDeltaLayer) and child_name == "base_layer":
+            yield from _walk(child, child_path, clean)  # the wrapped module is the layer itself, by name
+            continue
+        yield from _walk(child, child_path, f"{clean}.{child_name}" if clean else child_name)
+
+
+def sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseDeltaLayer]]:
+    """``(name, layer)`` of every :class:`SparseDeltaLayer`, named as in the model before injection, in model order."""
+    for _, clean, module in _walk(model, "", ""):
+        if isinstance(module, SparseDeltaLayer):
+            yield clean, module
+
+
+def _check_untied(model: nn.Module, checked: Mapping[str, tuple[str, ...]]) -> None:
+    """A targeted tensor used under another name (tied embeddings) would get only part of its gradient."""
+    users: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        users.setdefault(id(param), []).append(name)
+    for module_name, param_names in checked.items():
+        for pname in param_names:
+            full = f"{module_name}.{pname}"
+            names = users.get(id(model.get_submodule(module_name)._parameters[pname]), [full])
+            if len(names) > 1:
+                others = [n for n in names if n != full]
+                raise ValueError(
+                    f"inject_sparse: {full} is tied to {others}; a sparse delta on a shared tensor would see only the "
+                    "gradient through one of its users: leave it out of the targets"
+                )
+
+
+def sparse_bank(model: nn.Module) -> SparseDeltaBank | None:
+    """The model's :class:`SparseDeltaBank` (its ``values`` is the parameter to optimise), or None."""
+    for module in model.modules():
+        if isinstance(module, SparseDeltaBank):
+            return module
+    return None
+
+
+def inject_sparse(
+    model: nn.Module, targets: Mapping[str, tuple[str, ...]], capacity: int, dtype: torch.dtype = torch.float32
+) -> SparseDeltaBank:
+    """Wrap the named modules in :class:`SparseDeltaLayer`, with one shared bank; all or nothing.
+
+    Every check runs before the model is touched, so an error leaves it unchanged. The parameters of the
+    wrapped modules (their own, not their children's) are frozen; other parameters are left as they are. No
+    entry is selected yet: call :meth:`SparseDeltaLayer.add`. The bank is registered as ``sparse_delta_bank``
+    in the first wrapped layer in model order (so its parameter is in ``model.parameters()`` for the optimizer
+    and DDP, and in ``state_dict``) and referenced by the others.
+
+    Args:
+        model: the root module (names are relative to it).
+        targets: ``{module name: parameter names}``, e.g. ``{"blocks.0.attn.qkv": ("weight",)}``.
+        capacity: number of bank slots (the most entries trained at once).
+        dtype: dtype of the bank (float32 is the norm, whatever the weights' dtype).
+
+    Returns:
+        The bank; its ``values`` is the one parameter to optimise.
+
+    Raises:
+        ValueError: no targets, an unknown module or parameter, a model that already has sparse deltas,
+            a capacity that is not a positive integer, or weights on several devices.
+        NotImplementedError: a weight is a DTensor (FSDP2).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        >>> bank = inject_sparse(net, {"0": ("weight",), "1": ("weight", "bias")}, capacity=10)
+        >>> [name for name, _ in sparse_layers(net)], sparse_bank(net) is bank, len(net)
+        (['0', '1'], True, 2)
+    """
+    if sparse_bank(model) is not None or any(True for _ in sparse_layers(model)):
+        raise ValueError(f"{type(model).__name__} already has sparse deltas; call remove_sparse() before injecting")
+    if not targets:
+        raise ValueError("inject_sparse needs at least one target, e.g. {'blocks.0.attn.qkv': ('weight',)}")
+    SparseDeltaBank(capacity, dtype, device="meta")  # validates capacity and dtype without allocating
+    modules = dict(model.named_modules())
+    order = {name: i for i, name in enumerate(modules)}
+    checked: dict[str, tuple[str, ...]] = {}
+    devices = set()
+    for name, param_names in targets.items():
+        if not name or name not in modules:
+            leaf = name.rsplit(".", 1)[-1] if name else ""
+            near = [n for n in modules if n and (n.endswith("." + leaf) or n == leaf)][:10]
+            tops = [n for n, _ in model.named_children()][:20]
+            hint = f"modules ending in {leaf!r}: {near}" if near else f"top-level modules: {tops}"
+            raise ValueError(f"inject_sparse: {type(model).__name__} has no module {name!r}; {hint}")
+        checked[name] = _check_params(modules[name], param_names, name)
+        devices.update(modules[name]._parameters[p].device for p in checked[name])  # type: ignore[union-attr]
+    if len(devices) > 1:
+        raise ValueError(f"inject_sparse: the target weights are on several devices {sorted(map(str, devices))}")
+    _check_untied(model, checked)
+    bank = SparseDeltaBank(capacity, dtype, device=devices.pop())
+    layers = {name: SparseDeltaLayer(modules[name], checked[name], bank) for name in checked}
+    for name in sorted(layers, key=lambda n: n.count("."), reverse=True):  # deepest first: parents' paths stay valid
+        _set_submodule(model, name, layers[name])
+    layers[min(layers, key=order.__getitem__)].add_module(BANK_NAME, bank)
+    return bank
+
+
+def remove_sparse(model: nn.Module, merge: bool = True) -> list[str]:
+    """Unwrap every :class:`SparseDeltaLayer` (which drops the bank with them).
+
+    Args:
+        model: the root module.
+        merge: keep the learned values in the weights (True) or restore the pretrained ones (False).
+
+    Returns:
+        The names of the unwrapped modules. Their parameters get back the ``requires_grad`` they had at injection.
+    """
+    found = [(path, clean, m) for path, clean, m in _walk(model, "", "") if isinstance(m, SparseDeltaLayer)]
+    for path, _, layer in reversed(found):  # children before parents, so every path is still valid
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        for pname, param in layer.base_layer.named_parameters(recurse=False):
+            param.requires_grad_(layer._requires_grad.get(pname, param.requires_grad))
+        layer._modules.pop(BANK_NAME, None)
+        if path:
+            _set_submodule(model, path, layer.base_layer)
+    return [clean for _, clean, _ in found]
+
+
+# ------------------------------------------------------------------------------------------------ optimizer
+@torch.no_grad()
+def reset_optimizer_slots(optimizer: torch.optim.Optimizer, param: torch.Tensor, slots: torch.Tensor) -> list[str]:
+    """Zero every per-element state of ``param`` (Adam's ``exp_avg``, ``exp_avg_sq``, ...) at the flat ``slots``.
+
+    Call it with the slots :meth:`SparseDeltaLayer.retire` returns, so a freed slot holds zero value and zero
+    moments until an entry takes it. Scalar state (``step``) is shared and left alone.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer`` (for Lightning's wrapper, pass ``.optimizer``).
+        param: the bank's ``values``.
+        slots: flat positions into ``param``.
+
+    Returns:
+        The names of the state tensors that were reset (empty if the optimizer has no state for ``param`` yet).
+
+    Example:
+        >>> p = nn.Parameter(torch.zeros(4))
+        >>> opt = torch.optim.Adam([p])
+        >>> p.grad = torch.ones(4)
+        >>> opt.step()
+        >>> reset_optimizer_slots(opt, p, torch.tensor([1, 2]))
+        ['exp_avg', 'exp_avg_sq']
+        >>> opt.state[p]["exp_avg"].tolist()
+        [0.10000000149011612, 0.0, 0.0, 0.10000000149011612]
+    """
+    state = optimizer.state.get(param)
+    if not state:
+        return []
+    reset = []
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() > 0:
+            value.view(-1).index_fill_(0, torch.as_tensor(slots, dtype=torch.long, device=value.device), 0)
+            reset.append(key)
+    return reset
+
+
+# ------------------------------------------------------------------------------------------------ saving
+@torch.no_grad()
+def sparse_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The learned deltas: ``<module>.<param>.indices`` (int64, strictly increasing) and ``.values`` (float32).
+
+    Values are differences from the pretrained values; tensors without any selected entry are left out.
+    Tensors are detached and stay on the model's device.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in sparse_layers(model):
+        for pname in layer.param_names:
+            indices, values = layer.delta(pname)
+            if indices.numel():
+                out[f"{name}.{pname}.indices"] = indices.contiguous()
+                out[f"{name}.{pname}.values"] = values.contiguous()
+    return out
+
+
+def apply_sparse_delta(model: nn.Module, tensors: Mapping[str, torch.Tensor], strict: bool = True) -> list[str]:
+    """Add sparse deltas (from :func:`sparse_state_dict`) into a plain base model; everything is checked first.
+
+    ``W.view(-1)[indices] = (W.view(-1)[indices].float() + values).to(W.dtype)``, which reproduces the trained
+    weights exactly when ``model`` holds the same pretrained values.
+
+    Args:
+        model: the base model, without sparse layers.
+        tensors: ``{"<param name>.indices": int64, "<param name>.values": float}`` pairs.
+        strict: a parameter the model does not have is an error (True) or skipped (False).
+
+    Returns:
+        The parameter names that were changed, sorted.
+
+    Raises:
+        ValueError: a malformed key, a missing half of a pair, an unknown parameter (strict), indices that are not
+            1-D int64, strictly increasing and within the tensor, values of another length, not floating or not
+            finite. Nothing is written then.
+
+    Example:
+        >>> net = nn.Linear(2, 2, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.zero_()
+        >>> apply_sparse_delta(net, {"weight.indices": torch.tensor([1, 2]), "weight.values": torch.tensor([1.0, 2.0])})
+        ['weight']
+        >>> net.weight.tolist()
+        [[0.0, 1.0], [2.0, 0.0]]
+    """
+    if any(True for _ in sparse_layers(model)) or sparse_bank(model) is not None:
+        raise ValueError(
+            "apply_sparse_delta loads onto a plain base model, but this one has sparse layers; "
+            "call remove_sparse(model) first or load onto a fresh base model"
+        )
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        stem, _, kind = key.rpartition(".")
+        if not stem or kind not in ("indices", "values"):
+            raise ValueError(f"sparse delta key {key!r} must be '<param name>.indices' or '<param name>.values'")
+        pairs.setdefault(stem, {})[kind] = tensor
+    own = dict(model.named_parameters(remove_duplicate=False))
+    todo: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for stem, pair in sorted(pairs.items()):
+        if set(pair) != {"indices", "values"}:
+            missing = ({"indices", "values"} - set(pair)).pop()
+            raise ValueError(f"sparse delta for {stem!r} has no {stem}.{missing}; indices and values come in pairs")
+        if stem not in own:
+            if strict:
+                raise ValueError(
+                    f"the sparse delta has tensor {stem!r}, which {type(model).__name__} does not have: it was trained "
+                    "on another model (or on a wrapper of this one); pass strict=False to skip such tensors"
+                )
+            continue
+        weight, indices, values = own[stem], pair["indices"], pair["values"]
+        _no_dtensor(weight, stem)
+        if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long or indices.dim() != 1:
+            raise ValueError(f"{stem}.indices must be a 1-D int64 tensor, got {getattr(indices, 'dtype', indices)!r}")
+        if not isinstance(values, torch.Tensor) or not values.is_floating_point() or values.dim() != 1:
+            raise ValueError(f"{stem}.values must be a 1-D floating tensor, got {getattr(values, 'dtype', values)!r}")
+        if values.numel() != indices.numel():
+            raise ValueError(f"{stem}: {indices.numel()} indices but {values.numel()} values; they must match")
+        if indices.numel():
+            if not bool((indices[1:] > indices[:-1]).all()):
+                raise ValueError(f"{stem}.indices must be strictly increasing (sorted, no repeats)")
+            if int(indices[0]) < 0 or int(indices[-1]) >= weight.numel():
+                raise ValueError(
+                    f"{stem}.indices must be in [0, {weight.numel()}) (shape {tuple(weight.shape)}), "
+                    f"got {int(indices[0])}..{int(indices[-1])}"
+                )
+            if not bool(torch.isfinite(values).all()):
+                raise ValueError(f"{stem}.values has NaN or infinite entries")
+        if not weight.is_contiguous():
+            raise ValueError(f"{stem} is not contiguous; sparse deltas index the flat storage of a weight")
+        todo.append((stem, weight, indices, values))
+    with torch.no_grad():
+        for _, weight, indices, values in todo:
+            idx = indices.to(weight.device)
+            flat = weight.view(-1)
+            flat.index_copy_(0, idx, (flat[idx].float() + values.to(weight.device).float()).to(weight.dtype))
+    return sorted(stem for stem, *_ in todo)

@@ -1,0 +1,153 @@
+"""``SelectiveDDPStrategy``: data-parallel training whose trainable set may change while it trains.
+
+PyTorch's ``DistributedDataParallel`` decides *when it wraps the model* which parameters it
+synchronises: those with ``requires_grad=True`` at that moment. A method that unfreezes a block later
+(LISA) trains that block on each rank's own data and never synchronises it; the ranks drift apart
+without any error. The usual escape, ``find_unused_parameters=True``, registers every candidate
+parameter, keeps a gradient bucket for all of them (model-sized memory on every rank) and
+all-reduces zeros for the frozen ones every step.
+
+This strategy keeps Lightning's DDP machinery (process launch, process group, distributed samplers,
+``reduce``/``broadcast``/``barrier``) but does not wrap the model. Instead, inside every optimizer
+step, right after the backward closure and before ``on_before_optimizer_step`` hooks, gradient
+clipping and the update, it all-reduces (mean) the gradients of exactly the parameters that require
+grad *now*, packed into flat buckets (``bucket_cap_mb``). So
+
+* whatever is trainable at this step is synchronised, whenever it became trainable;
+* frozen parameters cost no gradient memory and no communication;
+* with gradient accumulation gradients are reduced once per optimizer step (DDP reduces every
+  micro-batch unless ``no_sync`` is used);
+* the model starts identical on every rank: rank 0's parameters and buffers are broadcast when the
+  strategy sets up (what DDP does when it wraps), and buffers again after every optimizer step when
+  ``broadcast_buffers`` (DDP broadcasts them before every forward).
+
+The price is that communication does not overlap the backward pass as DDP's bucketed hooks do; on
+CPU and for the small trainable sets of PEFT methods it is a small share of a step (see
+``benchmarks/lisa_memory.py``). Any lightning-peft method runs under it; LISA requires it for
+multi-process training.
+
+Use ``Trainer(strategy=SelectiveDDPStrategy(), devices=2)`` or ``strategy="ddp_selective"`` (the
+name is registered when ``lightning_peft.callbacks`` or this module is imported).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from torch import nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_peft import distributed
+
+__all__ = ["SelectiveDDPStrategy"]
+
+_DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+class SelectiveDDPStrategy(DDPStrategy):
+    """Multi-process data parallelism that synchronises whatever requires grad at each optimizer step.
+
+    Args:
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
+        process_group_backend, timeout, start_method: as for Lightning's ``DDPStrategy``.
+        broadcast_buffers: broadcast rank 0's buffers after every optimizer step (BatchNorm statistics).
+        bucket_cap_mb: size of the flat buffers gradients are packed into for the all-reduce.
+
+    Example:
+        >>> import lightning as L
+        >>> trainer = L.Trainer(strategy=SelectiveDDPStrategy(), accelerator="cpu", devices=1, logger=False)
+    """
+
+    strategy_name = "ddp_selective"
+
+    def __init__(
+        self,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = _DEFAULT_TIMEOUT,
+        start_method: str = "popen",
+        broadcast_buffers: bool = True,
+        bucket_cap_mb: float = 32.0,
+    ) -> None:
+        if bucket_cap_mb <= 0:
+            raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,  # type: ignore[arg-type]
+        )
+        self.broadcast_buffers = broadcast_buffers
+        self.bucket_bytes = int(bucket_cap_mb * (1 << 20))
+
+    @override
+    def configure_ddp(self) -> None:
+        """Do not wrap the model; start every rank from rank 0's parameters and buffers instead."""
+        assert isinstance(self.model, nn.Module)
+        with torch.no_grad():
+            tensors = [p.data for p in self.model.parameters()] + list(self.model.buffers())
+            distributed.broadcast_coalesced(tensors, src=0, bucket_bytes=self.bucket_bytes)
+
+    def reduce_gradients(self, optimizer: Optimizer) -> int:
+        """Average the gradients of the optimizer's parameters that require grad now, across ranks.
+
+        A parameter whose gradient is missing on some ranks (unused in their forward) takes zeros
+        there; one missing on every rank stays ``None``. Returns the number of gradients reduced.
+        """
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        if not params or not distributed.is_distributed():
+            return 0
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+        distributed.all_reduce(present, "sum")
+        grads = []
+        for p, anywhere in zip(params, present.tolist(), strict=True):
+            if not anywhere:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        distributed.all_reduce_coalesced(grads, "mean", self.bucket_bytes)
+        return len(grads)
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        def closure_then_reduce() -> Any:
+            result = closure()
+            self.reduce_gradients(optimizer)
+            return result
+
+        output = super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
+        if self.broadcast_buffers and self.model is not None:
+            distributed.broadcast_coalesced(list(self.model.buffers()), src=0, bucket_bytes=self.bucket_bytes)
+        return output
+
+
+if SelectiveDDPStrategy.strategy_name not in StrategyRegistry:
+    StrategyRegistry.register(
+        SelectiveDDPStrategy.strategy_name,
+        SelectiveDDPStrategy,
+        description="DDP without a wrapper: reduces the gradients of whatever requires grad at each optimizer step",
+    )
