@@ -25,6 +25,7 @@ _LAZY = {
     "AdaLoRA": "lightning_peft.callbacks",
     "LoRA": "lightning_peft.callbacks",
     "LISA": "lightning_peft.callbacks",
+    "ID3": "lightning_peft.callbacks",
     "SelectiveDDPStrategy": "lightning_peft.strategies",
     "ZooPublisher": "lightning_peft.callbacks",
     "AdaLoRAConfig": "lightning_peft.adapters",

@@ -48,7 +48,7 @@ from typing_extensions import override
 
 from lightning_peft import distributed
 
-__all__ = ["SelectiveDDPStrategy"]
+__all__ = ["SelectiveDDPStrategy", "check_dynamic_strategy"]
 
 _DEFAULT_TIMEOUT = timedelta(minutes=30)
 
@@ -141,8 +141,46 @@ class SelectiveDDPStrategy(DDPStrategy):
 
         output = super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
         if self.broadcast_buffers and self.model is not None:
-            distributed.broadcast_coalesced(list(self.model.buffers()), src=0, bucket_bytes=self.bucket_bytes)
+            distributed.broadcast_coalesced(_unsynced_buffers(self.model), src=0, bucket_bytes=self.bucket_bytes)
         return output
+
+
+def _unsynced_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Buffers that may differ across ranks: all but those of modules that declare ``buffers_in_sync``.
+
+    A module sets ``buffers_in_sync = True`` when its buffers are identical on every rank by construction
+    (the sparse delta layers' index bookkeeping, decided from averaged gradients): broadcasting them every
+    step would cost O(trained entries) for nothing.
+    """
+    return [b for m in model.modules() if not getattr(m, "buffers_in_sync", False) for b in m.buffers(recurse=False)]
+
+
+def check_dynamic_strategy(strategy: object, who: str) -> None:
+    """Refuse, before training, strategies under which a method that changes what trains would be wrong.
+
+    One device and :class:`SelectiveDDPStrategy` are fine. Plain DDP registers the trainable parameters
+    when it wraps the model (a block unfrozen later is never synchronised; buffers that grow are
+    broadcast every forward); sharded strategies partition the tensors the methods index or freeze.
+
+    Raises:
+        NotImplementedError: naming the strategy to use instead.
+    """
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    if isinstance(strategy, SelectiveDDPStrategy | SingleDeviceStrategy):
+        return
+    if isinstance(strategy, DDPStrategy):
+        raise NotImplementedError(
+            f"{who} under strategy='ddp' would go wrong silently: DDP registers only the parameters that require "
+            "grad when it wraps the model, so what starts training later is never synchronised (and "
+            "find_unused_parameters keeps gradient buckets for everything). Use strategy='ddp_selective' "
+            "(lightning_peft.strategies.SelectiveDDPStrategy): it all-reduces exactly the trainable gradients."
+        )
+    raise NotImplementedError(
+        f"{who} does not support {type(strategy).__name__} yet (sharded strategies such as FSDP2's "
+        "ModelParallelStrategy, FSDP and DeepSpeed partition the tensors this method freezes, selects or "
+        "releases). Use one device, or strategy='ddp_selective' for several."
+    )
 
 
 if SelectiveDDPStrategy.strategy_name not in StrategyRegistry:

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader
 from lightning_peft import LISA
 from lightning_peft.adapters import load_adapter
 from lightning_peft.methods.lisa import LayerSampler
-from lightning_peft.strategies import SelectiveDDPStrategy
+from lightning_peft.strategies import SelectiveDDPStrategy, check_dynamic_strategy
 
 SCRIPTS = Path(__file__).parent / "scripts"
 BLOCKS = ["model.model.layers.0", "model.model.layers.1"]
@@ -133,7 +132,10 @@ def test_resume_replays_the_same_draws_and_weights(tmp_path) -> None:
 def test_resume_with_another_configuration_is_refused(tmp_path) -> None:
     module = FamilyModule("llama", n_batches=4)
     trainer = quiet_trainer(
-        max_steps=2, limit_val_batches=0, callbacks=[LISA(n_layers=1, interval=2)], enable_checkpointing=True,
+        max_steps=2,
+        limit_val_batches=0,
+        callbacks=[LISA(n_layers=1, interval=2)],
+        enable_checkpointing=True,
         default_root_dir=tmp_path,
     )
     trainer.fit(module)
@@ -207,7 +209,7 @@ def test_plain_ddp_and_sharded_strategies_are_refused() -> None:
 
     for strategy, message in ((DDPStrategy(), "ddp_selective"), (ModelParallelStrategy(), "does not support")):
         with pytest.raises(NotImplementedError, match=message):
-            LISA(n_layers=1)._check_strategy(SimpleNamespace(strategy=strategy))
+            check_dynamic_strategy(strategy, "LISA")
 
 
 class PairModule(FamilyModule):

@@ -91,7 +91,9 @@ def test_bank_gradient_equals_dense_masked_gradient(kind: str) -> None:
     for name in names:
         slots = layer.active_slots(name)
         positions = layer.active_indices(name)
-        torch.testing.assert_close(bank.values.grad[slots], getattr(dense, name).grad.view(-1)[positions], atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            bank.values.grad[slots], getattr(dense, name).grad.view(-1)[positions], atol=1e-6, rtol=0
+        )
     # O(k): the only gradient is the bank's, base weights have none
     assert _grads(model) == ["0.sparse_delta_bank.values"]
     assert bank.values.grad.shape == (40,)
@@ -564,6 +566,20 @@ def test_inject_refuses_tied_weights_and_handles_nested_targets() -> None:
     assert type(model[0]) is Scaled and type(model[0].fc) is nn.Linear
 
 
+def test_wrapped_module_attributes_stay_readable() -> None:
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Embedding(7, 4))
+    bank = inject_sparse(model, {"0": ("weight",), "1": ("weight",)}, 4)
+    layers = dict(sparse_layers(model))
+    slots = layers["1"].add("weight", torch.tensor([2]))
+    with torch.no_grad():
+        bank.values[slots] = 1.0
+    model[1](torch.tensor([0]))  # sync
+    assert model[0].in_channels == 2 and model[1].num_embeddings == 7
+    assert model[1].weight is layers["1"].base_layer.weight  # holds the learned values
+    with pytest.raises(AttributeError, match="SparseDeltaLayer"):
+        model[0].no_such_attribute  # noqa: B018
+
+
 def test_dtensor_weights_are_refused() -> None:
     class DTensor(torch.Tensor):  # stands in for torch.distributed.tensor.DTensor (checked by name)
         pass
@@ -589,7 +605,7 @@ def test_bank_bookkeeping() -> None:
         SparseDeltaBank(-1)
 
 
-# ----------------------------------------------------------------------------------------------- the table of tiny models
+# ----------------------------------------------------------------------------------------------- tiny model table
 
 
 def _targets(model: nn.Module) -> dict[str, tuple[str, ...]]:

@@ -11,7 +11,9 @@ same two files as a LoRA adapter so the zoo, the model card and the loaders trea
     tensor's name in the model (``layers.3.mlp.fc1.weight``). Tensors that never trained are not
     written, so the file holds the changed blocks, not a copy of the model;
   - ``"sparse"`` (ID³, SaRA): for each changed tensor ``<name>.indices`` (int64 flat positions,
-    strictly increasing) and ``<name>.values`` (float32 differences from the base values).
+    strictly increasing) and ``<name>.values`` (float32 differences from the base values); tensors
+    trained in full (``modules_to_save``, e.g. a new head) are listed in ``"dense_tensors"`` and
+    stored whole under their own names.
 
 Loading checks every name, shape and index before any weight is written, so a file that does not
 fit leaves the model as it was. The base weights' fingerprint travels in the zoo manifest, and
@@ -90,15 +92,8 @@ def write_delta(path: str | os.PathLike, tensors: dict[str, torch.Tensor], confi
     return Path(path)
 
 
-def apply_dense_delta(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Overwrite ``model``'s tensors with a dense delta's values; every name and shape is checked first.
-
-    Returns:
-        The names written.
-
-    Raises:
-        ValueError: a name the model does not have, or a shape that differs (nothing is written then).
-    """
+def _check_dense(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's tensors a dense delta writes to, after checking every name, shape and dtype."""
     own = dict(model.named_parameters(remove_duplicate=False))
     own.update(model.named_buffers(remove_duplicate=False))
     for name, value in tensors.items():
@@ -113,6 +108,19 @@ def apply_dense_delta(model: nn.Module, tensors: dict[str, torch.Tensor]) -> lis
             )
         if not value.is_floating_point():
             raise ValueError(f"tensor {name!r} of the delta is {value.dtype}; a dense delta holds floating tensors")
+    return own
+
+
+def apply_dense_delta(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Overwrite ``model``'s tensors with a dense delta's values; every name and shape is checked first.
+
+    Returns:
+        The names written.
+
+    Raises:
+        ValueError: a name the model does not have, or a shape that differs (nothing is written then).
+    """
+    own = _check_dense(model, tensors)
     with torch.no_grad():
         for name, value in tensors.items():
             own[name].copy_(value.to(own[name].dtype))
@@ -131,6 +139,13 @@ def load_delta(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict[
     if kind == "sparse":
         from lightning_peft.adapters.sparse import apply_sparse_delta
 
-        apply_sparse_delta(model, tensors)
-        return sorted({k.rsplit(".", 1)[0] for k in tensors})
+        dense_names = set(config.get("dense_tensors") or [])
+        dense = {k: v for k, v in tensors.items() if k in dense_names}
+        sparse = {k: v for k, v in tensors.items() if k not in dense_names}
+        missing = dense_names - set(dense)
+        if missing:
+            raise ValueError(f"adapter_config.json lists dense tensors the file lacks: {sorted(missing)[:3]}")
+        _check_dense(model, dense)
+        changed = apply_sparse_delta(model, sparse)  # checks all of its input before writing
+        return sorted(set(changed) | set(apply_dense_delta(model, dense)))
     raise ValueError(f"adapter_config.json has delta_format={kind!r}; this version reads 'dense' and 'sparse'")

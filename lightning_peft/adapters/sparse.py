@@ -47,12 +47,12 @@ of :mod:`lightning_peft.adapters.delta`; :func:`apply_sparse_delta` adds them on
 after checking everything. A model ``state_dict`` (a training checkpoint) holds the grown buffers;
 :meth:`SparseDeltaLayer._load_from_state_dict` resizes them, so a freshly injected model resumes it.
 
-Not supported: DTensor weights (FSDP2); tied weights (a tensor used under two names is refused by :func:`inject_sparse`).
+Not supported: DTensor weights (FSDP2); tied weights (:func:`inject_sparse` refuses a tensor used under two
+names).
 
 Example:
     >>> from torch import nn
-    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-    <torch._C.Generator object at ...>
+    >>> _ = torch.manual_seed(0)
     >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     >>> bank = inject_sparse(net, {"0": ("weight",), "2": ("weight", "bias")}, capacity=8)
     >>> layer = dict(sparse_layers(net))["0"]
@@ -98,7 +98,6 @@ BANK_NAME = "sparse_delta_bank"
 GradHook = Callable[["SparseDeltaLayer", str, torch.Tensor], None]
 
 _FIELDS = ("indices", "base", "frozen", "slots")  # persistent, per selected parameter
-_CACHES = ("active_indices", "active_slots", "active_base")  # derived, not checkpointed
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
@@ -137,6 +136,8 @@ class SparseDeltaBank(nn.Module):
         >>> bank.allocate(2), bank.used
         (tensor([1, 3]), 4)
     """
+
+    in_use: torch.Tensor
 
     def __init__(
         self, capacity: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
@@ -297,8 +298,7 @@ class SparseDeltaLayer(nn.Module):
         NotImplementedError: a weight is a DTensor (FSDP2).
 
     Example:
-        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-        <torch._C.Generator object at ...>
+        >>> _ = torch.manual_seed(0)
         >>> bank = SparseDeltaBank(4)
         >>> layer = SparseDeltaLayer(nn.Linear(3, 2), ("weight",), bank)
         >>> layer.add("weight", torch.tensor([1, 4]))
@@ -311,6 +311,8 @@ class SparseDeltaLayer(nn.Module):
     """
 
     grad_hook: GradHook | None
+    #: the bookkeeping buffers are decided identically on every rank: data-parallel strategies need not broadcast them
+    buffers_in_sync = True
 
     def __init__(self, base_layer: nn.Module, param_names: tuple[str, ...] | list[str], bank: SparseDeltaBank) -> None:
         names = _check_params(base_layer, param_names, type(base_layer).__name__)
@@ -347,10 +349,10 @@ class SparseDeltaLayer(nn.Module):
         """
         try:
             return super().__getattr__(name)
-        except AttributeError:
+        except AttributeError as err:
             base = self.__dict__.get("_modules", {}).get("base_layer")
-            if base is None or name == "base_layer":
-                raise
+            if base is None or name == "base_layer" or not hasattr(base, name):
+                raise err from None
             return getattr(base, name)
 
     @property
@@ -425,10 +427,11 @@ class SparseDeltaLayer(nn.Module):
 
     def _call(self, overrides: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
         base = self.base_layer
-        if self._fast is not None and len(args) == 1 and not kwargs and not (base._forward_hooks or base._forward_pre_hooks):
+        hooked = bool(base._forward_hooks or base._forward_pre_hooks)
+        if self._fast is not None and len(args) == 1 and not kwargs and not hooked:
             x = args[0]
-            weight = overrides.get("weight", base.weight)
-            bias = overrides.get("bias", base.bias)
+            weight: torch.Tensor = overrides.get("weight", base._parameters["weight"])  # type: ignore[assignment]
+            bias: torch.Tensor = overrides.get("bias", base._parameters.get("bias"))  # type: ignore[assignment]
             if self._fast == "linear":
                 return F.linear(x, weight, bias)
             if self._fast == "conv":
@@ -522,7 +525,7 @@ class SparseDeltaLayer(nn.Module):
         weight = self._weight(name)
         _no_dtensor(weight, f"{type(self.base_layer).__name__}.{name}")
         if not isinstance(flat, torch.Tensor) or flat.dtype != torch.long or flat.dim() != 1:
-            got = f"{flat.dtype} of shape {tuple(flat.shape)}" if isinstance(flat, torch.Tensor) else type(flat).__name__
+            got = f"{flat.dtype}, shape {tuple(flat.shape)}" if isinstance(flat, torch.Tensor) else type(flat).__name__
             raise ValueError(f"{what}: indices must be a 1-D int64 tensor of flat positions, got {got}")
         flat = flat.to(weight.device)
         if flat.numel():
@@ -746,7 +749,7 @@ def inject_sparse(
     modules = dict(model.named_modules())
     order = {name: i for i, name in enumerate(modules)}
     checked: dict[str, tuple[str, ...]] = {}
-    devices = set()
+    devices: set[torch.device] = set()
     for name, param_names in targets.items():
         if not name or name not in modules:
             leaf = name.rsplit(".", 1)[-1] if name else ""
@@ -920,8 +923,8 @@ def apply_sparse_delta(model: nn.Module, tensors: Mapping[str, torch.Tensor], st
             raise ValueError(f"{stem} is not contiguous; sparse deltas index the flat storage of a weight")
         todo.append((stem, weight, indices, values))
     with torch.no_grad():
-        for _, weight, indices, values in todo:
-            idx = indices.to(weight.device)
-            flat = weight.view(-1)
-            flat.index_copy_(0, idx, (flat[idx].float() + values.to(weight.device).float()).to(weight.dtype))
+        for _, param, indices, values in todo:
+            idx = indices.to(param.device)
+            flat = param.view(-1)
+            flat.index_copy_(0, idx, (flat[idx].float() + values.to(param.device).float()).to(param.dtype))
     return sorted(stem for stem, *_ in todo)

@@ -8,7 +8,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
@@ -19,7 +18,7 @@ from lightning_peft.backbones import find_blocks, resolve_always_on
 from lightning_peft.callbacks.backbone import resolve_backbone
 from lightning_peft.callbacks.base import MethodCallback
 from lightning_peft.methods.lisa import LayerSampler
-from lightning_peft.strategies import SelectiveDDPStrategy
+from lightning_peft.strategies import check_dynamic_strategy
 from lightning_peft.zoo.entry import fingerprint
 
 __all__ = ["LISA"]
@@ -120,28 +119,11 @@ class LISA(MethodCallback):
     def state_key(self) -> str:
         return self._generate_state_key(backbone=self.backbone, block_path=self.block_path)
 
-    def _check_strategy(self, trainer: pl.Trainer) -> None:
-        strategy = trainer.strategy
-        if isinstance(strategy, SelectiveDDPStrategy) or isinstance(strategy, SingleDeviceStrategy):
-            return
-        if isinstance(strategy, DDPStrategy):
-            raise NotImplementedError(
-                "LISA under strategy='ddp' would silently never synchronise a block unfrozen after DDP wrapped the "
-                "model (DDP registers only parameters that require grad at wrap time), and find_unused_parameters "
-                "would keep gradient buckets for every block. Use strategy='ddp_selective' "
-                "(lightning_peft.strategies.SelectiveDDPStrategy): it all-reduces exactly the trainable gradients."
-            )
-        raise NotImplementedError(
-            f"LISA does not support {type(strategy).__name__} yet (sharded strategies such as FSDP2's "
-            "ModelParallelStrategy, FSDP and DeepSpeed partition the parameters and optimizer state that LISA "
-            "freezes and releases). Use one device, or strategy='ddp_selective' for several."
-        )
-
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.sampler is not None:
             return
-        self._check_strategy(trainer)
+        check_dynamic_strategy(trainer.strategy, "LISA")
         root, _, preset = resolve_backbone(pl_module, self.backbone)
         blocks = find_blocks(root, self.block_path)
         self.sampler = LayerSampler(len(blocks), self.n_layers, self.interval, self.seed, self.probabilities)
@@ -225,7 +207,9 @@ class LISA(MethodCallback):
             logger.log_metrics(metrics, step=step)
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.sampler is not None:
             self._switch(trainer, trainer.global_step)
 

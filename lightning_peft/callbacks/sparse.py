@@ -1,0 +1,217 @@
+"""What the sparse methods (ID³, SaRA) share: targets, the sparse delta bank, saving, density pictures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from lightning_peft import distributed
+from lightning_peft.adapters.delta import delta_config, write_delta
+from lightning_peft.adapters.sparse import (
+    SparseDeltaBank,
+    SparseDeltaLayer,
+    inject_sparse,
+    sparse_bank,
+    sparse_layers,
+    sparse_state_dict,
+)
+from lightning_peft.adapters.targeting import match_targets
+from lightning_peft.backbones import Preset
+from lightning_peft.callbacks.backbone import resolve_backbone
+from lightning_peft.callbacks.base import MethodCallback
+from lightning_peft.strategies import check_dynamic_strategy
+from lightning_peft.zoo.entry import fingerprint
+
+__all__ = ["SparseMethod"]
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+class SparseMethod(MethodCallback):
+    """Base of the callbacks that train a sparse delta of the base weights (:mod:`lightning_peft.adapters.sparse`).
+
+    ``setup`` (before the optimizer and the strategy's wrapper exist) resolves the target tensors,
+    fingerprints the base weights (the training changes them in place), asks the subclass for the
+    bank's capacity, injects the sparse layers and freezes the backbone except the bank's one
+    parameter and ``modules_to_save``. Because the bank never changes identity or size, the optimizer,
+    built once, stays valid however the selection changes. Several processes: ``strategy="ddp_selective"``.
+    ``on_fit_end`` draws the density per layer and saves the deltas (sparse format: indices + values;
+    ``modules_to_save`` in full) with the base fingerprint.
+    """
+
+    def _init_sparse(
+        self,
+        target_modules: str | list[str] | None,
+        exclude_modules: str | list[str] | None,
+        parameters: tuple[str, ...] | list[str],
+        include_norms: bool,
+        modules_to_save: list[str] | None,
+        backbone: str | None,
+        save_dir: str | None,
+    ) -> None:
+        if not parameters or any(p not in ("weight", "bias") for p in parameters):
+            raise ValueError(f"parameters must be a non-empty subset of ('weight', 'bias'), got {parameters!r}")
+        self.target_modules, self.exclude_modules = target_modules, exclude_modules
+        self.parameters, self.include_norms = tuple(parameters), include_norms
+        self.modules_to_save = list(modules_to_save or [])
+        self.backbone, self.save_dir = backbone, save_dir
+        self.targets: dict[str, tuple[str, ...]] = {}
+        self.sizes: dict[str, int] = {}  # entries of each target module's selected tensors
+        self.total_params = 0
+        self.density_per_layer: dict[str, float] = {}
+        self._base: dict[str, Any] | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(backbone=self.backbone, target_modules=self.target_modules)
+
+    # ----------------------------------------------------------------------------------------- subclass hooks
+    def capacity(self, root: nn.Module, targets: dict[str, tuple[str, ...]]) -> int:
+        """How many entries the bank must hold (the most trained at once)."""
+        raise NotImplementedError
+
+    def after_inject(self, trainer: pl.Trainer, root: nn.Module) -> None:
+        """Called at the end of ``setup`` (e.g. to make the initial selection)."""
+
+    # ----------------------------------------------------------------------------------------- setup
+    def resolve_targets(self, root: nn.Module, preset: Preset | None) -> dict[str, tuple[str, ...]]:
+        """``{module name: parameter names}`` of the tensors that may take a delta."""
+        targets = self.target_modules
+        if targets is None:
+            if preset is None:
+                raise ValueError(
+                    f"{type(self).__name__}: no preset knows {type(root).__name__}, so target_modules must be given "
+                    "(a regex, a list of module names/suffixes, or 'all-linear')"
+                )
+            targets = list(preset.target_modules)
+        match = match_targets(root, targets, self.exclude_modules)
+        out: dict[str, tuple[str, ...]] = {}
+        for name in match.matched:
+            module = root.get_submodule(name)
+            names = tuple(p for p in self.parameters if getattr(module, p, None) is not None)
+            if names:
+                out[name] = names
+        if self.include_norms:
+            for name, module in root.named_modules():
+                if isinstance(module, _NORMS) and name not in out:
+                    names = tuple(p for p in ("weight", "bias") if getattr(module, p, None) is not None)
+                    if names:
+                        out[name] = names
+        return out
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        root, _, preset = resolve_backbone(pl_module, self.backbone)
+        if sparse_bank(root) is not None:  # a second fit with the same module
+            return
+        check_dynamic_strategy(trainer.strategy, type(self).__name__)
+        targets = self.resolve_targets(root, preset)
+        for name in self.modules_to_save:
+            try:
+                root.get_submodule(name)
+            except AttributeError as err:
+                raise ValueError(f"modules_to_save entry {name!r} is not a module of {type(root).__name__}") from err
+        self.sizes = {n: sum(getattr(root.get_submodule(n), p).numel() for p in ps) for n, ps in targets.items()}
+        self.total_params = sum(self.sizes.values())
+        capacity = self.capacity(root, targets)
+        self._base = fingerprint(root, exclude=self.modules_to_save)  # before any weight changes
+        root.requires_grad_(False)
+        bank = inject_sparse(root, targets, capacity)
+        bank.values.requires_grad_(True)
+        for name in self.modules_to_save:
+            root.get_submodule(name).requires_grad_(True)
+        self.targets = targets
+        rank_zero_info(
+            f"{type(self).__name__}: {len(targets)} layers, {self.total_params:,} candidate entries; "
+            f"bank of {capacity:,} trainable values ({100 * capacity / max(self.total_params, 1):.3f}% of them)"
+        )
+        self.after_inject(trainer, root)
+
+    # ----------------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def bank_of(pl_module: nn.Module) -> SparseDeltaBank:
+        bank = sparse_bank(pl_module)
+        if bank is None:
+            raise RuntimeError("no sparse deltas in the model: setup has not run")
+        return bank
+
+    def layers(self, pl_module: pl.LightningModule) -> list[tuple[str, SparseDeltaLayer]]:
+        """The sparse layers, with names relative to the backbone."""
+        root, _, _ = resolve_backbone(pl_module, self.backbone)
+        return list(sparse_layers(root))
+
+    def log_density(self, trainer: pl.Trainer, pl_module: pl.LightningModule, per_layer: bool) -> float:
+        """Log the overall density (and each layer's); returns the overall one."""
+        layers = self.layers(pl_module)
+        active = sum(layer.active_count() for _, layer in layers)
+        density = active / max(self.total_params, 1)
+        metrics = {f"{self.method}/density": density, f"{self.method}/active": float(active)}
+        if per_layer:
+            self.density_per_layer = {name: layer.density() for name, layer in layers}
+            metrics.update({f"{self.method}/density/{n}": d for n, d in self.density_per_layer.items()})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        return density
+
+    # ----------------------------------------------------------------------------------------- results
+    @override
+    def base_fingerprint(self, root: nn.Module) -> dict[str, Any]:
+        if self._base is None:
+            raise RuntimeError(f"{type(self).__name__} has not set up a model yet: fit first")
+        return self._base
+
+    def result_tensors(self, root: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """The sparse deltas and the ``modules_to_save`` tensors (full values), and the names of the latter."""
+        tensors = dict(sparse_state_dict(root))
+        dense = []
+        for module in self.modules_to_save:
+            for pname, param in root.get_submodule(module).named_parameters():
+                key = f"{module}.{pname}"
+                tensors[key] = distributed.full_tensor(param.detach())
+                dense.append(key)
+        return tensors, dense
+
+    @override
+    def save(self, root: nn.Module, path: str | Path) -> Path | None:
+        tensors, dense = self.result_tensors(root)
+        names = sorted({k.rsplit(".", 1)[0] for k in tensors if k not in dense} | set(dense))
+        config = delta_config(self.method, "sparse", names, self.hyperparameters())
+        config["dense_tensors"] = dense
+        return distributed.rank_zero_only(write_delta)(path, tensors, config)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for _, layer in self.layers(pl_module):
+            layer.sync()  # the weights show the last step's values (forwards sync lazily; none may follow)
+        self.log_density(trainer, pl_module, per_layer=True)
+        super().on_fit_end(trainer, pl_module)
+
+    @override
+    def write_pictures(self, folder: Path) -> list[Path]:
+        if not self.density_per_layer:
+            return []
+        from lightning_peft.callbacks.plots import bar_chart
+
+        names = list(self.density_per_layer)
+        values = [100 * d for d in self.density_per_layer.values()]
+        overall = 100 * sum(self.density_per_layer[n] * self.sizes[n] for n in names) / max(self.total_params, 1)
+        return [
+            bar_chart(
+                names,
+                values,
+                f"{type(self).__name__}: share of each layer's entries trained",
+                "density (%)",
+                folder / f"{self.method}_density.png",
+                reference=overall,
+                reference_label="overall",
+            )
+        ]
