@@ -26,6 +26,7 @@ _LAZY = {
     "LoRA": "lightning_peft.callbacks",
     "LISA": "lightning_peft.callbacks",
     "ID3": "lightning_peft.callbacks",
+    "SaRA": "lightning_peft.callbacks",
     "SelectiveDDPStrategy": "lightning_peft.strategies",
     "ZooPublisher": "lightning_peft.callbacks",
     "AdaLoRAConfig": "lightning_peft.adapters",

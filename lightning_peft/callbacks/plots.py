@@ -102,7 +102,8 @@ def bar_chart(
 ) -> Path:
     """One bar per layer (labels on the x axis), with an optional dashed reference line, as a PNG."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(2.5 + 0.35 * len(labels), 3.6))
+    longest = max((len(label) for label in labels), default=0) if len(labels) > 8 else 0
+    fig, ax = plt.subplots(figsize=(2.5 + 0.35 * len(labels), 3.6 + 0.075 * longest))
     ax.bar(range(len(values)), values, color="tab:blue")
     ax.set_xticks(range(len(labels)), labels, rotation=90 if len(labels) > 8 else 0, fontsize=8)
     if reference is not None:

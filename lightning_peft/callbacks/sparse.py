@@ -149,12 +149,14 @@ class SparseMethod(MethodCallback):
         root, _, _ = resolve_backbone(pl_module, self.backbone)
         return list(sparse_layers(root))
 
-    def log_density(self, trainer: pl.Trainer, pl_module: pl.LightningModule, per_layer: bool) -> float:
-        """Log the overall density (and each layer's); returns the overall one."""
+    def log_density(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, per_layer: bool, extra: dict[str, float] | None = None
+    ) -> float:
+        """Log the overall density (and each layer's, and ``extra``); returns the overall one."""
         layers = self.layers(pl_module)
         active = sum(layer.active_count() for _, layer in layers)
         density = active / max(self.total_params, 1)
-        metrics = {f"{self.method}/density": density, f"{self.method}/active": float(active)}
+        metrics = {f"{self.method}/density": density, f"{self.method}/active": float(active), **(extra or {})}
         if per_layer:
             self.density_per_layer = {name: layer.density() for name, layer in layers}
             metrics.update({f"{self.method}/density/{n}": d for n, d in self.density_per_layer.items()})

@@ -6,6 +6,7 @@ Lightning hooks. Nothing here imports Lightning.
 
 * :class:`~lightning_peft.methods.adalora.RankAllocator`: AdaLoRA's importance scores, cubic budget
   and masks (driven by the ``AdaLoRA`` callback).
-* :class:`~lightning_peft.methods.lisa.LayerSampler`: LISA's per-interval block sampler (its callback
-  is still to come).
-"""
+* :class:`~lightning_peft.methods.lisa.LayerSampler`: LISA's per-interval block sampler (``LISA``).
+* :class:`~lightning_peft.methods.id3.Unmasker`: ID³'s step-by-step global top-k unmasking (``ID3``).
+* :class:`~lightning_peft.methods.sara.SaRASelector` and :func:`~lightning_peft.methods.sara.nuclear_norm_grad`:
+  SaRA's smallest-weight selection and low-rank penalty (``SaRA``).

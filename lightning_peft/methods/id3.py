@@ -60,6 +60,8 @@ from typing import Any
 
 import torch
 
+from lightning_peft.methods._config import refuse_changed
+
 __all__ = ["Unmasker"]
 
 _CONFIG = ("budget", "total_steps", "total_params", "eps", "exp")
@@ -254,11 +256,7 @@ class Unmasker:
         Raises:
             ValueError: a configuration field differs; the message names the fields.
         """
-        mine = self.state_dict()
-        differs = [k for k in _CONFIG if k in state and state[k] != mine[k]]
-        if differs:
-            detail = ", ".join(f"{k}: checkpoint {state[k]!r} vs now {mine[k]!r}" for k in differs)
-            raise ValueError(f"the checkpoint's ID3 unmasker was configured differently ({detail})")
+        refuse_changed(self.state_dict(), state, "ID3 unmasker", keys=_CONFIG)
         self.next_step = int(state.get("next_step", self.next_step))
         self.unmasked = int(state.get("unmasked", self.unmasked))
         self._candidates.clear()

@@ -14,8 +14,8 @@ The reference (LMFlow's ``DynamicLayerActivationCallback``) draws from Python's 
 after seeding it; that couples the choice to whatever else consumed the global stream and cannot be
 replayed on resume.
 
-Only the sampler has landed so far; the LISA callback (freezing, optimizer-state release, DDP) is
-issue #4's remaining work.
+The ``LISA`` callback (:mod:`lightning_peft.callbacks.lisa`) drives it: freezing, optimizer-state
+release and multi-process training.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from lightning_peft.distributed import seeded_generator
+from lightning_peft.methods._config import refuse_changed
 
 __all__ = ["LayerSampler"]
 
@@ -112,8 +113,4 @@ class LayerSampler:
         Raises:
             ValueError: the saved configuration differs; the message names the fields.
         """
-        mine = self.state_dict()
-        differs = [k for k in mine if k in state and state[k] != mine[k]]
-        if differs:
-            detail = ", ".join(f"{k}: checkpoint {state[k]!r} vs now {mine[k]!r}" for k in differs)
-            raise ValueError(f"the checkpoint's LISA sampler was configured differently ({detail})")
+        refuse_changed(self.state_dict(), state, "LISA sampler")
