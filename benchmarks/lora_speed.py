@@ -81,16 +81,26 @@ def build_model(backbone: str, size: dict[str, int], seed: int) -> nn.Module:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         cfg = LlamaConfig(
-            vocab_size=size["vocab"], hidden_size=size["hidden"], intermediate_size=size["intermediate"],
-            num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
-            num_key_value_heads=size["heads"], max_position_embeddings=max(512, size["seq"]), use_cache=False,
+            vocab_size=size["vocab"],
+            hidden_size=size["hidden"],
+            intermediate_size=size["intermediate"],
+            num_hidden_layers=size["layers"],
+            num_attention_heads=size["heads"],
+            num_key_value_heads=size["heads"],
+            max_position_embeddings=max(512, size["seq"]),
+            use_cache=False,
         )
         return LlamaForCausalLM(cfg)
     import timm
 
     return timm.create_model(
-        "vit_small_patch16_224", pretrained=False, num_classes=NUM_CLASSES, img_size=size["img"],
-        embed_dim=size["dim"], depth=size["depth"], num_heads=size["heads"],
+        "vit_small_patch16_224",
+        pretrained=False,
+        num_classes=NUM_CLASSES,
+        img_size=size["img"],
+        embed_dim=size["dim"],
+        depth=size["depth"],
+        num_heads=size["heads"],
     )
 
 
@@ -307,11 +317,22 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         infer_merged = time_inference(args.backbone, model, x, device, infer_n)
 
     return {
-        "backbone": args.backbone, "method": args.method, "trainable": trainable, "total": total_params,
-        "step_s": statistics.median(step_times), "step_min_s": min(step_times), "step_max_s": max(step_times),
-        "infer_s": infer, "infer_merged_s": infer_merged, "opt_state_bytes": opt_bytes,
-        "mem_before_bytes": mem_before, "peak_bytes": peak, "peak_growth_bytes": peak - mem_before,
-        "peak_is_reset": peak_is_reset, "first_loss": losses[0], "last_loss": losses[-1],
+        "backbone": args.backbone,
+        "method": args.method,
+        "trainable": trainable,
+        "total": total_params,
+        "step_s": statistics.median(step_times),
+        "step_min_s": min(step_times),
+        "step_max_s": max(step_times),
+        "infer_s": infer,
+        "infer_merged_s": infer_merged,
+        "opt_state_bytes": opt_bytes,
+        "mem_before_bytes": mem_before,
+        "peak_bytes": peak,
+        "peak_growth_bytes": peak - mem_before,
+        "peak_is_reset": peak_is_reset,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
         "others_cpu_share": others_share,
     }
 
@@ -351,8 +372,13 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"our LoRA and peft's LoRA give different logits:\n{err}") from None
     if moved < 1e-3:
         raise RuntimeError(f"the non-zero adapters did not change the logits (max change {moved:.2e}); check is void")
-    return {"backbone": args.backbone, "layers": len(our_layers), "targets": targets_of(base), "max_abs_diff": diff,
-            "max_change": moved}
+    return {
+        "backbone": args.backbone,
+        "layers": len(our_layers),
+        "targets": targets_of(base),
+        "max_abs_diff": diff,
+        "max_change": moved,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -374,19 +400,41 @@ def spawn(args: argparse.Namespace, backbone: str, method: str, check: bool = Fa
     if args.wait_idle > 0 and not check:
         wait_for_quiet(args.wait_idle)
     cmd = [
-        sys.executable, os.path.abspath(__file__), "--worker", "--backbone", backbone, "--method", method,
-        "--size", args.size, "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-        "--r", str(args.r), "--alpha", str(args.alpha), "--seed", str(args.seed), "--threads", str(args.threads),
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--backbone",
+        backbone,
+        "--method",
+        method,
+        "--size",
+        args.size,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--device",
+        args.device,
+        "--r",
+        str(args.r),
+        "--alpha",
+        str(args.alpha),
+        "--seed",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
     ] + (["--check"] if check else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stderr[-4000:])
         if check:
-            sys.exit(f"error: equivalence check for {backbone} failed (exit {proc.returncode}): our LoRA and peft's "
-                     "do not compute the same thing, so timing them side by side would be meaningless; see above")
+            sys.exit(
+                f"error: equivalence check for {backbone} failed (exit {proc.returncode}): our LoRA and peft's "
+                "do not compute the same thing, so timing them side by side would be meaningless; see above"
+            )
         sys.exit(f"error: worker {backbone}/{method} failed (exit {proc.returncode}); its stderr is above")
-    return json.loads(lines[-1][len(RESULT_MARK):])
+    return json.loads(lines[-1][len(RESULT_MARK) :])
 
 
 def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -426,16 +474,21 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f}"
 
 
-def table(backbone: str, size: dict[str, int], res: dict[str, dict[str, Any]], check: dict[str, Any],
-          args: argparse.Namespace) -> list[str]:
+def table(
+    backbone: str, size: dict[str, int], res: dict[str, dict[str, Any]], check: dict[str, Any], args: argparse.Namespace
+) -> list[str]:
     full, ours, peft = res["full"], res["ours"], res["peft"]
     if backbone == "llama":
-        what = (f"LlamaForCausalLM hidden {size['hidden']}, intermediate {size['intermediate']}, "
-                f"{size['layers']} layers, {size['heads']} heads, vocab {size['vocab']}; "
-                f"batch {size['batch']} x {size['seq']} tokens")
+        what = (
+            f"LlamaForCausalLM hidden {size['hidden']}, intermediate {size['intermediate']}, "
+            f"{size['layers']} layers, {size['heads']} heads, vocab {size['vocab']}; "
+            f"batch {size['batch']} x {size['seq']} tokens"
+        )
     else:
-        what = (f"ViT (vit_small_patch16_224 layout) dim {size['dim']}, depth {size['depth']}, {size['heads']} heads, "
-                f"{size['img']}px images, {NUM_CLASSES} classes; batch {size['batch']}")
+        what = (
+            f"ViT (vit_small_patch16_224 layout) dim {size['dim']}, depth {size['depth']}, {size['heads']} heads, "
+            f"{size['img']}px images, {NUM_CLASSES} classes; batch {size['batch']}"
+        )
     mem = "peak CUDA alloc" if args.device == "cuda" else "peak RSS"
     lines = [
         f"### {backbone}: {what}",
@@ -452,12 +505,20 @@ def table(backbone: str, size: dict[str, int], res: dict[str, dict[str, Any]], c
     for key in METHODS:
         r = res[key]
         cells = [
-            LABELS[key], f"{r['trainable']:,}", f"{100 * r['trainable'] / full['trainable']:.2f}",
-            _ms(r["step_s"]), _ratio(r["step_s"], full["step_s"]), _ratio(r["step_s"], peft["step_s"]),
-            _ms(r["infer_s"]), _ratio(r["infer_s"], peft["infer_s"]),
-            _ms(r["infer_merged_s"]), _ratio(r["infer_merged_s"], peft["infer_merged_s"]),
-            _mib(r["opt_state_bytes"]), _mib(r["peak_growth_bytes"]),
-            _ratio(r["peak_growth_bytes"], full["peak_growth_bytes"]), _mib(r["peak_bytes"]),
+            LABELS[key],
+            f"{r['trainable']:,}",
+            f"{100 * r['trainable'] / full['trainable']:.2f}",
+            _ms(r["step_s"]),
+            _ratio(r["step_s"], full["step_s"]),
+            _ratio(r["step_s"], peft["step_s"]),
+            _ms(r["infer_s"]),
+            _ratio(r["infer_s"], peft["infer_s"]),
+            _ms(r["infer_merged_s"]),
+            _ratio(r["infer_merged_s"], peft["infer_merged_s"]),
+            _mib(r["opt_state_bytes"]),
+            _mib(r["peak_growth_bytes"]),
+            _ratio(r["peak_growth_bytes"], full["peak_growth_bytes"]),
+            _mib(r["peak_bytes"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
@@ -470,21 +531,31 @@ def table(backbone: str, size: dict[str, int], res: dict[str, dict[str, Any]], c
         f"peft {_ratio(peft['step_s'], full['step_s'])}; "
         f"{mem} growth: ours {_ratio(ours['peak_growth_bytes'], full['peak_growth_bytes'])}, "
         f"peft {_ratio(peft['peak_growth_bytes'], full['peak_growth_bytes'])}. "
-        "Step range (min-max ms): " + ", ".join(
-            f"{LABELS[k]} {_ms(res[k]['step_min_s'])}-{_ms(res[k]['step_max_s'])}" for k in METHODS) + ".",
+        "Step range (min-max ms): "
+        + ", ".join(f"{LABELS[k]} {_ms(res[k]['step_min_s'])}-{_ms(res[k]['step_max_s'])}" for k in METHODS)
+        + ".",
     ]
     if any(len(res[k]["repeat_step_s"]) > 1 for k in METHODS):
-        lines[-1] += " Median step of each run (ms): " + "; ".join(
-            f"{LABELS[k]} " + ", ".join(_ms(v) for v in res[k]["repeat_step_s"]) for k in METHODS) + "."
+        lines[-1] += (
+            " Median step of each run (ms): "
+            + "; ".join(f"{LABELS[k]} " + ", ".join(_ms(v) for v in res[k]["repeat_step_s"]) for k in METHODS)
+            + "."
+        )
     shares = {k: res[k]["others_cpu_share"] for k in METHODS}
     if all(v is not None for v in shares.values()):
-        lines[-1] += " Other processes' share of the CPUs during the training steps: " + ", ".join(
-            f"{LABELS[k]} {100 * v:.0f} %" for k, v in shares.items()) + "."
+        lines[-1] += (
+            " Other processes' share of the CPUs during the training steps: "
+            + ", ".join(f"{LABELS[k]} {100 * v:.0f} %" for k, v in shares.items())
+            + "."
+        )
         noisy = [LABELS[k] for k, v in shares.items() if v > NOISY]
         if noisy:
-            lines += ["", f"**Warning**: other processes took over {100 * NOISY:.0f} % of the CPUs while "
-                      f"{', '.join(noisy)} ran; those times are inflated. Rerun on an idle machine, or with "
-                      "--wait-idle / --noisy-retries / --repeats."]
+            lines += [
+                "",
+                f"**Warning**: other processes took over {100 * NOISY:.0f} % of the CPUs while "
+                f"{', '.join(noisy)} ran; those times are inflated. Rerun on an idle machine, or with "
+                "--wait-idle / --noisy-retries / --repeats.",
+            ]
     lines.append("")
     return lines
 
@@ -498,14 +569,27 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                        help="on a shared machine: before each measurement, wait up to this long for other "
-                        "processes to go quiet")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="run every method this many times, interleaved, and keep the fastest median")
-    parser.add_argument("--noisy-retries", type=int, default=0, metavar="N",
-                        help="measure a (backbone, method) again, up to N times, when other processes used over "
-                        "10 %% of the CPUs during its timed steps; the fastest run is kept")
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="on a shared machine: before each measurement, wait up to this long for other processes to go quiet",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every method this many times, interleaved, and keep the fastest median",
+    )
+    parser.add_argument(
+        "--noisy-retries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="measure a (backbone, method) again, up to N times, when other processes used over "
+        "10 %% of the CPUs during its timed steps; the fastest run is kept",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = the cores available to us")
     parser.add_argument("--backbones", default=",".join(BACKBONES), help="comma-separated subset of llama,vit")
     parser.add_argument("--markdown", metavar="PATH", help="also write the output to this file")
@@ -569,7 +653,8 @@ def main() -> None:
         out += lines
     share = load.stop()
     footer = f"Total wall time {time.perf_counter() - start:.0f} s" + (
-        "." if share is None else f"; other processes used {100 * share:.0f} % of the machine's CPU meanwhile.")
+        "." if share is None else f"; other processes used {100 * share:.0f} % of the machine's CPU meanwhile."
+    )
     print(footer)
     out.append(footer)
     if args.markdown:

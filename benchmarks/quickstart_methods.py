@@ -38,14 +38,26 @@ def run(method: str, epochs: int) -> dict:
         callbacks.append(AdaLoRA(r=12, target_r=8, alpha=16, tinit=50, tfinal=100, deltaT=10, modules_to_save=["head"]))
         lr = 3e-3
     module = ImageClassifier("vit_tiny_patch16_224", num_classes=10, model_kwargs=VIT, lr=lr)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
     start = time.perf_counter()
     trainer.fit(module, DigitsDataModule())
     seconds = time.perf_counter() - start
     trainable, total = count_parameters(module)
-    return {"acc": float(trainer.callback_metrics["val_acc"]), "seconds": seconds, "trainable": trainable,
-            "total": total}
+    return {
+        "acc": float(trainer.callback_metrics["val_acc"]),
+        "seconds": seconds,
+        "trainable": trainable,
+        "total": total,
+    }
 
 
 def main() -> None:
@@ -65,8 +77,10 @@ def main() -> None:
     ]
     for name, label in (("full", "full fine-tuning"), ("lora", "LoRA r=8"), ("adalora", "AdaLoRA r=12 -> 8")):
         r = results[name]
-        lines.append(f"| {label} | {100 * r['acc']:.1f} % | {r['seconds']:.1f} | {r['seconds'] / full['seconds']:.2f} "
-                     f"| {r['trainable']:,} | {100 * r['trainable'] / r['total']:.1f} % |")
+        lines.append(
+            f"| {label} | {100 * r['acc']:.1f} % | {r['seconds']:.1f} | {r['seconds'] / full['seconds']:.2f} "
+            f"| {r['trainable']:,} | {100 * r['trainable'] / r['total']:.1f} % |"
+        )
     text = "\n".join(lines)
     print(text)
     if args.markdown:

@@ -188,6 +188,7 @@ class SparseMethod(MethodCallback):
         names = sorted({k.rsplit(".", 1)[0] for k in tensors if k not in dense} | set(dense))
         config = delta_config(self.method, "sparse", names, self.hyperparameters())
         config["dense_tensors"] = dense
+        config["modules_to_save"] = list(self.modules_to_save)  # the zoo leaves them out of the base fingerprint check
         return distributed.rank_zero_only(write_delta)(path, tensors, config)
 
     @override

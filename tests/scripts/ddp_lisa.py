@@ -36,8 +36,9 @@ class Record(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         trainable = sorted(n for n, p in pl_module.named_parameters() if p.requires_grad)
         with_grad = sorted(n for n, p in pl_module.named_parameters() if p.grad is not None)
-        self.steps.append({"step": trainer.global_step, "trainable": trainable, "with_grad": with_grad,
-                           "state": len(optimizer.state)})
+        self.steps.append(
+            {"step": trainer.global_step, "trainable": trainable, "with_grad": with_grad, "state": len(optimizer.state)}
+        )
 
     def on_fit_end(self, trainer, pl_module) -> None:
         rank = trainer.global_rank
@@ -57,7 +58,9 @@ def main() -> None:
         for p in module.parameters():
             p.add_(0.01 * rank)
     lisa = LISA(n_layers=1, interval=2, seed=0, save_dir=str(out / "delta"))
-    trainer = quiet_trainer(strategy=strategy, devices=2, max_epochs=1, limit_val_batches=0, callbacks=[lisa, Record(out)])
+    trainer = quiet_trainer(
+        strategy=strategy, devices=2, max_epochs=1, limit_val_batches=0, callbacks=[lisa, Record(out)]
+    )
     try:
         trainer.fit(module)
     except NotImplementedError as err:
