@@ -86,7 +86,7 @@ class SaRA(SparseMethod):
         penalty_matrices: int = 1,
         penalty_every: int = 1,
         penalty_min_dim: int = 1,
-        reselect_at: float | None = None,
+        reselect_at: int | float | None = None,
         seed: int = 0,
         target_modules: str | list[str] | None = None,
         exclude_modules: str | list[str] | None = None,
@@ -99,7 +99,9 @@ class SaRA(SparseMethod):
         if not rank_penalty >= 0:
             raise ValueError(f"SaRA rank_penalty must be >= 0, got {rank_penalty!r}")
         if reselect_at is not None and (isinstance(reselect_at, bool) or not reselect_at > 0):
-            raise ValueError(f"SaRA reselect_at must be a step >= 1 or a fraction of the run in (0, 1), got {reselect_at!r}")
+            raise ValueError(
+                f"SaRA reselect_at must be a step >= 1 or a fraction of the run in (0, 1), got {reselect_at!r}"
+            )
         if isinstance(reselect_at, float) and not reselect_at < 1:
             raise ValueError(f"SaRA reselect_at as a fraction must be in (0, 1), got {reselect_at!r}")
         self.selector = SaRASelector(
@@ -110,7 +112,9 @@ class SaRA(SparseMethod):
             min_dim=penalty_min_dim,
             seed=seed,
         )
-        self._init_sparse(target_modules, exclude_modules, parameters, include_norms, modules_to_save, backbone, save_dir)
+        self._init_sparse(
+            target_modules, exclude_modules, parameters, include_norms, modules_to_save, backbone, save_dir
+        )
         self.rank_penalty, self.reselect_at = rank_penalty, reselect_at
         self.reselect_step: int | None = None
         self._reselected_at: int | None = None
@@ -129,11 +133,13 @@ class SaRA(SparseMethod):
         if int(count) == 0:
             low = min(float(w.detach().abs().min()) for w in weights)
             high = max(float(w.detach().abs().max()) for w in weights)
-            raise ValueError(
-                f"SaRA selects nothing: no entry of the {len(weights)} target tensors has |w| < "
-                f"{self.selector.threshold or 'the fraction cut'} (|w| ranges over [{low:.3g}, {high:.3g}]); raise the "
-                "threshold or use fraction="
-            )
+            if self.selector.threshold is not None:
+                why = f"no entry of the {len(weights)} target tensors has |w| < {self.selector.threshold:g}"
+                fix = "raise the threshold or use fraction="
+            else:
+                why = f"fraction={self.selector.fraction:g} rounds to 0 entries in each of the {len(weights)} tensors"
+                fix = "raise the fraction or target larger tensors"
+            raise ValueError(f"SaRA selects nothing: {why} (|w| ranges over [{low:.3g}, {high:.3g}]); {fix}")
         return int(count)
 
     def _select_all(self, pl_module: pl.LightningModule) -> int:
@@ -164,7 +170,10 @@ class SaRA(SparseMethod):
                 plan.append((layer, pname, new[~torch.isin(new, active)]))
                 left += leaving.numel()
         for layer, pname, entering in plan:
-            entering = entering[: bank.free]  # a threshold selection may want more than the bank holds
+            if entering.numel() > bank.free:  # a threshold selection may want more than the bank holds: the smallest
+                weight = layer.base_layer.get_parameter(pname).detach().reshape(-1)
+                order = torch.sort(weight[entering].abs().float(), stable=True).indices[: bank.free]
+                entering = entering[order].sort().values
             layer.add(pname, entering)
             joined += entering.numel()
         return left, joined
@@ -196,14 +205,18 @@ class SaRA(SparseMethod):
             )
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if self.reselect_step is not None and step == self.reselect_step and self._reselected_at != step:
             left, joined = self._reselect(trainer, pl_module)
             self._reselected_at = step  # later micro-batches of the same optimizer step do not re-select
             rank_zero_info(f"SaRA: re-selected at step {step}: {left:,} entries left, {joined:,} joined")
             for logger in trainer.loggers:
-                logger.log_metrics({"sara/reselect_left": float(left), "sara/reselect_joined": float(joined)}, step=step)
+                logger.log_metrics(
+                    {"sara/reselect_left": float(left), "sara/reselect_joined": float(joined)}, step=step
+                )
 
     # ----------------------------------------------------------------------------------------- penalty
     def eligible(self, pl_module: pl.LightningModule) -> list[tuple[SparseDeltaLayer, str]]:
