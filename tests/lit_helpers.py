@@ -62,6 +62,39 @@ def quiet_trainer(**kwargs) -> pl.Trainer:
     return pl.Trainer(**{**defaults, **kwargs})
 
 
+def run_two_ranks(script: str, out, *args: str, timeout: int = 300) -> tuple[list[dict], list[dict]]:
+    """Run ``tests/scripts/<script> OUT ARGS...`` (it launches 2 ranks) and read what each rank wrote.
+
+    Returns ``(states, logs)``: per rank, the tensors of ``rank<r>.safetensors`` and the dict of ``rank<r>.json``
+    (empty when the script wrote none, e.g. when the fit was refused).
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    scripts = Path(__file__).parent / "scripts"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, str(scripts / script), str(out), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=scripts.parents[1],
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = Path(out)
+    states = [
+        load_file(out / f"rank{r}.safetensors") if (out / f"rank{r}.safetensors").exists() else {} for r in (0, 1)
+    ]
+    logs = [json.loads((out / f"rank{r}.json").read_text()) if (out / f"rank{r}.json").exists() else {} for r in (0, 1)]
+    return states, logs
+
+
 def moved_key(key: str, callback) -> str:
     """Where a base weight's key lands after a callback's injection (``x.weight`` -> ``x.base_layer.weight``)."""
     root = f"{callback.backbone_path}." if callback.backbone_path else ""
@@ -72,4 +105,4 @@ def moved_key(key: str, callback) -> str:
     return key
 
 
-__all__ = ["FamilyModule", "SeedDataset", "example_inputs", "moved_key", "quiet_trainer"]
+__all__ = ["FamilyModule", "SeedDataset", "example_inputs", "moved_key", "quiet_trainer", "run_two_ranks"]

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lit_helpers import FamilyModule, quiet_trainer
+from lit_helpers import FamilyModule, quiet_trainer, run_two_ranks
 from safetensors.torch import load_file
 
 from lightning_peft import ID3
@@ -18,7 +15,6 @@ from lightning_peft.adapters import load_adapter
 from lightning_peft.adapters.sparse import sparse_layers
 from lightning_peft.methods.id3 import Unmasker
 
-SCRIPTS = Path(__file__).parent / "scripts"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -199,16 +195,7 @@ def test_bad_targets_and_budgets_are_refused_before_training() -> None:
 
 @pytest.mark.slow
 def test_ddp_selective_ranks_choose_the_same_entries(tmp_path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / "ddp_sparse.py"), str(tmp_path), "id3"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=SCRIPTS.parents[1],
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
-    logs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks, logs = run_two_ranks("ddp_sparse.py", tmp_path, "id3")
     assert logs[0]["step"] == logs[1]["step"] == 6
     assert set(logs[0]["seeds"]).isdisjoint(logs[1]["seeds"]), "ranks saw the same data: not a real DDP test"
     assert logs[0]["active"] == logs[1]["active"] and logs[0]["active"][-1] == 120

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lit_helpers import FamilyModule, quiet_trainer
+from lit_helpers import FamilyModule, quiet_trainer, run_two_ranks
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -19,7 +16,6 @@ from lightning_peft.adapters import load_adapter
 from lightning_peft.methods.lisa import LayerSampler
 from lightning_peft.strategies import SelectiveDDPStrategy, check_dynamic_strategy
 
-SCRIPTS = Path(__file__).parent / "scripts"
 BLOCKS = ["model.model.layers.0", "model.model.layers.1"]
 ALWAYS = ("model.model.embed_tokens.", "model.model.norm.", "model.lm_head.")
 
@@ -225,16 +221,7 @@ class PairModule(FamilyModule):
 
 @pytest.mark.slow
 def test_ddp_selective_keeps_ranks_identical_and_equals_one_process(tmp_path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / "ddp_lisa.py"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=SCRIPTS.parents[1],
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
-    logs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks, logs = run_two_ranks("ddp_lisa.py", tmp_path)
     assert logs[0]["step"] == logs[1]["step"] == 8
     assert set(logs[0]["seeds"]).isdisjoint(logs[1]["seeds"]), "ranks saw the same data: not a real DDP test"
     sampler = LayerSampler(2, 1, 2, seed=0)
@@ -254,14 +241,7 @@ def test_ddp_selective_keeps_ranks_identical_and_equals_one_process(tmp_path) ->
 
 @pytest.mark.slow
 def test_plain_ddp_is_refused_with_the_fix(tmp_path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / "ddp_lisa.py"), str(tmp_path), "ddp"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=SCRIPTS.parents[1],
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    _ = run_two_ranks("ddp_lisa.py", tmp_path, "ddp")
     assert "ddp_selective" in (tmp_path / "error0.txt").read_text()
     assert not (tmp_path / "rank0.safetensors").exists()
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lit_helpers import FamilyModule, quiet_trainer
+from lit_helpers import FamilyModule, quiet_trainer, run_two_ranks
 from safetensors.torch import load_file
 from tiny_models import forward
 
@@ -19,8 +16,6 @@ from lightning_peft import SaRA
 from lightning_peft.adapters import load_adapter
 from lightning_peft.adapters.sparse import BANK_NAME, sparse_layers
 from lightning_peft.strategies import check_dynamic_strategy
-
-SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def fit(module, callbacks, **kwargs):
@@ -497,16 +492,7 @@ def test_plain_ddp_is_refused_by_the_callback_before_injecting() -> None:
 
 @pytest.mark.slow
 def test_ddp_selective_ranks_choose_the_same_entries(tmp_path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / "ddp_sparse.py"), str(tmp_path), "sara"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=SCRIPTS.parents[1],
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
-    logs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks, logs = run_two_ranks("ddp_sparse.py", tmp_path, "sara")
     assert logs[0]["step"] == logs[1]["step"] == 6
     assert set(logs[0]["seeds"]).isdisjoint(logs[1]["seeds"]), "ranks saw the same data: not a real DDP test"
     assert logs[0]["active"] == logs[1]["active"] and len(set(logs[0]["active"])) == 1 and logs[0]["active"][0] > 0

@@ -205,11 +205,7 @@ class ID3(SparseMethod):
             "total_steps": self.unmasker.total_steps if self.unmasker is not None else self.total_steps,
             "eps": self.eps,
             "exp": self.exp,
-            "target_modules": self.target_modules,
-            "exclude_modules": self.exclude_modules,
-            "parameters": list(self.parameters),
-            "include_norms": self.include_norms,
-            "modules_to_save": self.modules_to_save,
+            **self.target_hyperparameters(),
         }
 
     @override

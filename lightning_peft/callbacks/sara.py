@@ -271,11 +271,7 @@ class SaRA(SparseMethod):
             "rank_penalty": self.rank_penalty,
             "reselect_at": self.reselect_at,
             "reselect_step": self.reselect_step,
-            "target_modules": self.target_modules,
-            "exclude_modules": self.exclude_modules,
-            "parameters": list(self.parameters),
-            "include_norms": self.include_norms,
-            "modules_to_save": self.modules_to_save,
+            **self.target_hyperparameters(),
         }
 
     @override

@@ -165,6 +165,16 @@ class SparseMethod(MethodCallback):
         return density
 
     # ----------------------------------------------------------------------------------------- results
+    def target_hyperparameters(self) -> dict[str, Any]:
+        """The settings every sparse method shares (which tensors), for its :meth:`hyperparameters`."""
+        return {
+            "target_modules": self.target_modules,
+            "exclude_modules": self.exclude_modules,
+            "parameters": list(self.parameters),
+            "include_norms": self.include_norms,
+            "modules_to_save": self.modules_to_save,
+        }
+
     @override
     def base_fingerprint(self, root: nn.Module) -> dict[str, Any]:
         if self._base is None:
