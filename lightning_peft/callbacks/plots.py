@@ -8,16 +8,16 @@ from pathlib import Path
 
 from lightning_peft.fileio import staged_file
 
-__all__ = ["bar_chart", "plot_layer_counts", "plot_ranks", "rank_grid"]
+__all__ = ["plot_density", "plot_layer_counts", "plot_ranks", "rank_grid"]
 
 
-def rank_grid(ranks: dict[str, int]) -> tuple[list[str], list[int], list[list[float]]]:
+def rank_grid(ranks: dict[str, float]) -> tuple[list[str], list[int], list[list[float]]]:
     """Arrange ``layer name -> rank`` as rows (module kind, e.g. ``self_attn.q_proj``) x columns (block index).
 
     A name's block index is its first purely numeric component; names without one share column 0.
     Missing cells are NaN.
     """
-    cells: dict[tuple[str, int], int] = {}
+    cells: dict[tuple[str, int], float] = {}
     for name, rank in ranks.items():
         parts = name.split(".")
         index = next((i for i, part in enumerate(parts) if re.fullmatch(r"\d+", part)), None)
@@ -91,39 +91,54 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def bar_chart(
-    labels: list[str],
-    values: list[float],
-    title: str,
-    ylabel: str,
-    path: str | os.PathLike,
-    reference: float | None = None,
-    reference_label: str = "",
-) -> Path:
-    """One bar per layer (labels on the x axis), with an optional dashed reference line, as a PNG."""
-    plt = _pyplot()
-    longest = max((len(label) for label in labels), default=0) if len(labels) > 8 else 0
-    fig, ax = plt.subplots(figsize=(2.5 + 0.35 * len(labels), 3.6 + 0.075 * longest))
-    ax.bar(range(len(values)), values, color="tab:blue")
-    ax.set_xticks(range(len(labels)), labels, rotation=90 if len(labels) > 8 else 0, fontsize=8)
-    if reference is not None:
-        ax.axhline(reference, color="grey", linestyle="--", label=reference_label)
-        ax.legend()
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    return _save(fig, path)
+def _common_prefix(names: list[str]) -> str:
+    """The longest dotted prefix all names share (``"model.layers."`` for ``model.layers.0``, ``model.layers.1``)."""
+    if len(names) < 2:
+        return ""
+    parts = [n.split(".") for n in names]
+    shared = []
+    for column in zip(*parts, strict=False):
+        if len(set(column)) != 1:
+            break
+        shared.append(column[0])
+    return ".".join(shared) + "." if shared else ""
 
 
 def plot_layer_counts(names: list[str], counts: list[int], n_layers: int, path: str | os.PathLike) -> Path:
-    """LISA: how many optimizer steps each block trained, against the uniform expectation."""
-    steps = sum(counts) / max(n_layers, 1)
-    expected = steps * n_layers / max(len(names), 1)
-    return bar_chart(
-        names,
-        [float(c) for c in counts],
-        f"LISA: steps each block trained ({n_layers} of {len(names)} at a time)",
-        "optimizer steps",
-        path,
-        reference=expected,
-        reference_label="uniform expectation",
+    """LISA: how many optimizer steps each block trained, against the uniform expectation, as a PNG."""
+    plt = _pyplot()
+    prefix = _common_prefix(names)
+    labels = [n[len(prefix) :] for n in names]
+    expected = sum(counts) / max(len(names), 1)  # every step trains n_layers blocks: the mean per block
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 + 0.45 * len(labels)), 3.6))
+    ax.bar(range(len(counts)), counts, color="tab:blue")
+    ax.set_xticks(range(len(labels)), labels, rotation=90 if max(map(len, labels), default=0) > 4 else 0, fontsize=8)
+    ax.axhline(expected, color="grey", linestyle="--", label="uniform expectation")
+    ax.legend(fontsize=8)
+    ax.set_xlabel(f"block ({prefix.rstrip('.') or 'blocks'})")
+    ax.set_ylabel("optimizer steps trained")
+    ax.set_title(f"LISA: {n_layers} of {len(names)} blocks at a time", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_density(density: dict[str, float], title: str, path: str | os.PathLike) -> Path:
+    """Share of each layer's entries trained, as a heatmap (module kind x block), in percent, as a PNG."""
+    plt = _pyplot()
+    kinds, blocks, grid = rank_grid({n: 100.0 * d for n, d in density.items()})
+    fig, ax = plt.subplots(
+        figsize=(3 + 0.5 * len(blocks) + 0.05 * max(map(len, kinds), default=0), 1.4 + 0.4 * len(kinds))
     )
+    top = max((v for row in grid for v in row if v == v), default=1.0)
+    image = ax.imshow(grid, cmap="magma", vmin=0, vmax=max(top, 1e-9), aspect="auto")
+    ax.set_xticks(range(len(blocks)), [str(b) for b in blocks])
+    ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
+    ax.set_xlabel("block")
+    ax.set_title(title, fontsize=10)
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            if value == value:  # not NaN
+                ax.text(
+                    j, i, f"{value:.1f}", ha="center", va="center", color="w" if value < top / 2 else "k", fontsize=7
+                )
+    fig.colorbar(image, ax=ax, fraction=0.046, label="% of entries trained")
+    return _save(fig, path)

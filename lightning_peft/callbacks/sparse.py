@@ -212,19 +212,9 @@ class SparseMethod(MethodCallback):
     def write_pictures(self, folder: Path) -> list[Path]:
         if not self.density_per_layer:
             return []
-        from lightning_peft.callbacks.plots import bar_chart
+        from lightning_peft.callbacks.plots import plot_density
 
         names = list(self.density_per_layer)
-        values = [100 * d for d in self.density_per_layer.values()]
         overall = 100 * sum(self.density_per_layer[n] * self.sizes[n] for n in names) / max(self.total_params, 1)
-        return [
-            bar_chart(
-                names,
-                values,
-                f"{type(self).__name__}: share of each layer's entries trained",
-                "density (%)",
-                folder / f"{self.method}_density.png",
-                reference=overall,
-                reference_label="overall",
-            )
-        ]
+        title = f"{type(self).__name__}: share of each layer trained (overall {overall:.2f} %)"
+        return [plot_density(self.density_per_layer, title, folder / f"{self.method}_density.png")]
