@@ -29,6 +29,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from common import record  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -206,6 +207,11 @@ def main() -> None:
         f"our allocator time / peft's: {ratio:.3f}; our AdaLoRA step / peft's: "
         f"{results['ours']['step'] / results['peft']['step']:.3f}",
     ]
+    share = results["ours"]["alloc"] / results["ours"]["step"] if results["ours"]["step"] else float("nan")
+    record("adalora_overhead", "AdaLoRA allocator share of a step", share, "<= 0.02", share <= 0.02)
+    record("adalora_overhead", "AdaLoRA step / our LoRA step", results["ours"]["step"] / results["lora"]["step"])
+    record("adalora_overhead", "our allocator time / peft's", ratio)
+    record("adalora_overhead", "our AdaLoRA step / peft's", results["ours"]["step"] / results["peft"]["step"])
     text = "\n".join(lines)
     print(text)
     if args.markdown:

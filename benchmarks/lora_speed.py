@@ -44,6 +44,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from common import OthersLoad, device_name, peak_rss_bytes, record  # noqa: E402  (benchmarks/ is on sys.path)
 from torch import nn  # noqa: E402
 
 BACKBONES = ("llama", "vit")
@@ -193,48 +194,6 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def _machine_busy_s() -> float | None:
-    """CPU-seconds all processes on this machine have spent busy since boot (``/proc/stat``), or None."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal; guest is inside user
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s(who: tuple[int, ...]) -> float:
-    return sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime for w in who)
-
-
-class OthersLoad:
-    """Share of the machine's CPU capacity that *other* processes used between ``start()`` and ``stop()``.
-
-    On a shared machine a burst of someone else's work can slow a step many times over; this says
-    how much of that there was, so a noisy figure can be recognised as such.
-    """
-
-    def __init__(self, who: tuple[int, ...] = (resource.RUSAGE_SELF,)) -> None:
-        self.who = who
-
-    def start(self) -> OthersLoad:
-        self.t0, self.busy0, self.own0 = time.perf_counter(), _machine_busy_s(), _own_cpu_s(self.who)
-        return self
-
-    def stop(self) -> float | None:
-        busy1, own1, wall = _machine_busy_s(), _own_cpu_s(self.who), time.perf_counter() - self.t0
-        if self.busy0 is None or busy1 is None or wall <= 0:
-            return None
-        others = (busy1 - self.busy0) - (own1 - self.own0)
-        return max(0.0, others) / (wall * (os.cpu_count() or 1))
-
-
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     total = 0
     for state in opt.state.values():
@@ -280,7 +239,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         mem_before = _rss_bytes()
         peak_is_reset = _reset_peak_rss()
         if not peak_is_reset:  # the high-water mark so far is the best baseline there is
-            mem_before = max(mem_before, _peak_rss_bytes())
+            mem_before = max(mem_before, peak_rss_bytes())
 
     step_times, opt_bytes, losses = [], 0, []
     others = OthersLoad().start()
@@ -301,7 +260,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         losses.append(float(loss.detach()))
 
     others_share = others.stop()
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
 
     infer_n = max(3, args.steps)
     x = batches[0]["x"]
@@ -449,19 +408,6 @@ def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return best
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.3f}" if a is not None and b else "—"
 
@@ -535,6 +481,12 @@ def table(
         + ", ".join(f"{LABELS[k]} {_ms(res[k]['step_min_s'])}-{_ms(res[k]['step_max_s'])}" for k in METHODS)
         + ".",
     ]
+    record("lora_speed", f"{backbone}: our LoRA step / peft LoRA step", ours["step_s"] / peft["step_s"])
+    record(
+        "lora_speed",
+        f"{backbone}: our LoRA memory growth / peft's",
+        ours["peak_growth_bytes"] / peft["peak_growth_bytes"],
+    )
     if any(len(res[k]["repeat_step_s"]) > 1 for k in METHODS):
         lines[-1] += (
             " Median step of each run (ms): "

@@ -1,0 +1,84 @@
+"""What the benchmarks share: machine description, peak memory, outside-load measurement, the summary.
+
+A benchmark calls :func:`record` for each headline figure. Nothing happens unless the environment
+variable ``LIGHTNING_PEFT_BENCH_SUMMARY`` names a JSON-lines file (``run_all.py`` sets it), so every
+benchmark still runs on its own exactly as before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+
+ENV = "LIGHTNING_PEFT_BENCH_SUMMARY"  # names the JSON-lines file run_all.py collects
+
+
+def record(benchmark: str, metric: str, value: float, goal: str = "", met: bool | None = None) -> None:
+    """Append one figure: ``value`` of ``metric`` in ``benchmark``, with its goal (e.g. ``"<= 0.5"``) if it has one."""
+    path = os.environ.get(ENV)
+    if not path:
+        return
+    row = {"benchmark": benchmark, "metric": metric, "value": float(value), "goal": goal, "met": met}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far, in bytes (Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _machine_busy_s() -> float | None:
+    """CPU-seconds all processes on this machine have spent busy since boot (``/proc/stat``), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal; guest is inside user
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s(who: tuple[int, ...]) -> float:
+    return sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime for w in who)
+
+
+class OthersLoad:
+    """Share of the machine's CPU capacity that *other* processes used between ``start()`` and ``stop()``.
+
+    On a shared machine a burst of someone else's work can slow a step many times over; this says
+    how much of that there was, so a noisy figure can be recognised as such.
+    """
+
+    def __init__(self, who: tuple[int, ...] = (resource.RUSAGE_SELF,)) -> None:
+        self.who = who
+
+    def start(self) -> OthersLoad:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _machine_busy_s(), _own_cpu_s(self.who)
+        return self
+
+    def stop(self) -> float | None:
+        busy1, own1, wall = _machine_busy_s(), _own_cpu_s(self.who), time.perf_counter() - self.t0
+        if self.busy0 is None or busy1 is None or wall <= 0:
+            return None
+        others = (busy1 - self.busy0) - (own1 - self.own0)
+        return max(0.0, others) / (wall * (os.cpu_count() or 1))
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
