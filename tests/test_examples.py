@@ -25,8 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 STEPS = 3
 
-SHORT_SCHEDULE: dict[str, Any] = {"tinit": 0, "tfinal": 1, "deltaT": 1, "interval": 1}
-"""Callback arguments that tie a schedule to a long run, and the value a 3-step run uses instead."""
+SHORT_SCHEDULE: dict[str, Any] = {
+    "tinit": 0,  # AdaLoRA: prune from the first step ...
+    "tfinal": 1,
+    "deltaT": 1,
+    "total_step": STEPS,
+    "total_steps": STEPS,  # ID3: the whole budget is unmasked within the run
+    "interval": 1,  # LISA: a new draw every step
+}
+"""Callback arguments that tie a schedule to a long run (when a recipe sets them), and their value in a short run."""
 
 
 def _load(recipe: Path) -> dict[str, Any]:

@@ -1,0 +1,1048 @@
+"""Sparse methods' memory and speed: ID³ (issue #5) on a Llama causal LM, SaRA (issue #6) on a diffusion UNet.
+
+Not a test (STYLE.md item 13). Plain PyTorch training loops (no Lightning) with AdamW everywhere, built
+from the library's pure-torch pieces exactly as the callbacks drive them; every configuration runs in
+its own fresh worker process (``--worker PART:CONFIG``, JSON over stdout). Models are built from
+configs with random weights (nothing is downloaded).
+
+**Part A, ID³** (``lightning_peft.callbacks.ID3``): a transformers ``LlamaForCausalLM`` (default hidden
+256, 8 layers, intermediate 688, 4 heads, vocab 2048) on random tokens (batch 8 x 128, causal-LM loss);
+the targets are the 7 projections of every layer.
+
+* ``full``: every parameter trainable;
+* ``lora``: :func:`lightning_peft.adapters.inject_adapters`, r=8, alpha=16, on the targets;
+* ``id3``: :func:`~lightning_peft.adapters.sparse.inject_sparse` on the target weights with a bank of
+  ``B`` = LoRA r=8's trainable parameter count, :class:`~lightning_peft.methods.id3.Unmasker` with
+  ``T`` = warm-up + measured steps (every measured step unmasks), scored in the layers' ``grad_hook``
+  during backward; the new entries get their gradient before ``AdamW.step`` (as ``ID3`` does in
+  ``on_train_batch_start`` / ``on_before_optimizer_step``);
+* ``id3_steady``: the same with ``T`` = ``--id3-steady-t`` (2): unmasking ends in the untimed steps,
+  the measured steps are the steady state (O(B) backward, no scoring);
+* ``id3_masked``: the reference's approach: the target weights as dense trainable parameters under a
+  dense AdamW, a boolean mask per tensor, gradients multiplied by the mask after backward; unmasking
+  by the same score through a model-sized concatenated top-k.
+
+**Part B, SaRA** (``lightning_peft.callbacks.SaRA``): a diffusers ``UNet2DConditionModel`` (default
+sample 32, channels 64/128/256, 2 layers per block, cross-attention dim 128, batch 4, text conditioning
+4 x 8 x 128) trained on the DDPM epsilon loss (``DDPMScheduler.add_noise``).
+
+* ``full``: every parameter trainable;
+* ``lora``: our LoRA r=8 on the UNet preset targets (``to_q``, ``to_k``, ``to_v``, ``to_out.0``);
+* ``sara``: the sparse core on the preset targets' weights, the smallest 10 % of each by ``|w|``
+  (:class:`~lightning_peft.methods.sara.SaRASelector`), nuclear-norm penalty λ=5e-4 on one matrix per
+  step added to the bank's gradient (as ``SaRA.add_penalty_grad``);
+* ``sara_masked``: the reference-like approach: the same target weights as dense trainable parameters,
+  gradients multiplied by a 0/1 (bool) mask after backward, dense AdamW, the same penalty on one matrix;
+* ``sara_all``: the sparse core on every ``nn.Conv2d`` and ``nn.Linear`` weight of the UNet, 10 %.
+
+Per configuration: median training-step time (forward + loss + backward + the method's work + AdamW
+step + ``zero_grad``) over ``--steps`` steps after ``--warmup``, with the forward / backward /
+method / optimizer phases; parameters given to the optimizer and entries trained at the end; bytes of
+the tensors in ``optimizer.state`` after the last step; peak memory.
+
+Peak memory on CPU is the process's RSS high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs`` right before the model is built), reported raw and as growth over the RSS
+at that moment (the comparable figure: imports excluded). It is measured in a second fresh process
+per configuration (``--memory-steps`` steps after one warm-up; ``id3``: all its ``T`` steps, so that
+its bookkeeping reaches the full budget) run with ``MALLOC_MMAP_THRESHOLD_=65536``: with glibc's
+default, *dynamic* mmap threshold (raised up to 32 MiB each time a large block is freed) freed tensors
+of a few MiB stay in the heap, and the RSS peak says more about fragmentation than about live tensors
+(on the default Llama, LoRA's peak growth came out at 443 and 463 MiB in two runs, full fine-tuning's
+at 450 and 448 MiB, against 238 vs 304 MiB with the fixed threshold). The fixed threshold costs page
+faults on every large allocation, so the timing runs keep glibc's default; their growth is shown in
+the last column. On CUDA the figure
+is ``torch.cuda.max_memory_allocated`` (reset before the model is built) and its growth, from the
+timing run. The peak of the timed steps alone is reported too (the high-water mark is reset again
+before the first timed step; for ``id3_steady`` that leaves out the unmasking steps).
+
+Goals, printed PASS/MISS against figures of the same run: ID³'s AdamW state over the dense AdamW state
+of the target weights equals the budget fraction; ID³ peak <= 0.7 x full FT peak; ID³ step <= 1.3 x
+full FT step; SaRA peak <= 0.7 x full FT peak; SaRA step <= 1.3 x full FT step.
+
+    python benchmarks/sparse_memory.py                                  # ~5 min on 2 CPU cores
+    python benchmarks/sparse_memory.py --tiny --steps 2 --warmup 1      # smoke check, about a minute
+    python benchmarks/sparse_memory.py --parts llama --configs full,id3
+    python benchmarks/sparse_memory.py --device cuda --markdown sparse_memory.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+PARTS = ("llama", "unet")
+CONFIGS: dict[str, tuple[str, ...]] = {
+    "llama": ("full", "lora", "id3", "id3_steady", "id3_masked"),
+    "unet": ("full", "lora", "sara", "sara_masked", "sara_all"),
+}
+LABELS = {
+    "full": "full FT",
+    "lora": "our LoRA r=8",
+    "id3": "ID³ (unmasking every step)",
+    "id3_steady": "ID³ (after unmasking)",
+    "id3_masked": "ID³ reference-like (dense AdamW, masked grads)",
+    "sara": "SaRA 10 %, sparse core",
+    "sara_masked": "SaRA 10 %, reference-like (dense AdamW, masked grads)",
+    "sara_all": "SaRA 10 % of all conv + linear, sparse core",
+}
+RESULT_MARK = "__SPARSE_MEMORY_RESULT__ "
+NOISY = 0.10  # share of the CPUs used by other processes above which a measurement is flagged as disturbed
+N_BATCHES = 4  # distinct input batches, cycled through the steps
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+# goals of issues #5 and #6
+PEAK_GOAL = 0.7
+STEP_GOAL = 1.3
+STATE_TOLERANCE = 0.01  # |(state ratio) / (budget fraction) - 1|
+
+
+# ----------------------------------------------------------------------------------------------- probes
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    kib = _status_kib("VmRSS")
+    if kib is None:
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    # the mm's own high-water mark (reset above); ru_maxrss would also carry the parent's across fork+exec
+    kib = _status_kib("VmHWM")
+    if kib is None:
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib * 1024
+
+
+def _machine_busy_s() -> float | None:
+    """CPU-seconds all processes on this machine have spent busy since boot (``/proc/stat``), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s(who: tuple[int, ...]) -> float:
+    return sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime for w in who)
+
+
+class OthersLoad:
+    """Share of the machine's CPU capacity that *other* processes used between ``start()`` and ``stop()``."""
+
+    def __init__(self, who: tuple[int, ...] = (resource.RUSAGE_SELF,)) -> None:
+        self.who = who
+
+    def start(self) -> OthersLoad:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _machine_busy_s(), _own_cpu_s(self.who)
+        return self
+
+    def stop(self) -> float | None:
+        busy1, own1, wall = _machine_busy_s(), _own_cpu_s(self.who), time.perf_counter() - self.t0
+        if self.busy0 is None or busy1 is None or wall <= 0:
+            return None
+        others = (busy1 - self.busy0) - (own1 - self.own0)
+        return max(0.0, others) / (wall * (os.cpu_count() or 1))
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(v.nbytes for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+
+
+def current_peak(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------- models and data
+
+
+def unet_blocks(channels: tuple[int, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    n = len(channels)
+    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+    return down, up
+
+
+def build_model(part: str, args: argparse.Namespace) -> nn.Module:
+    """The backbone with deterministic random weights (same seed -> same weights in every process)."""
+    torch.manual_seed(args.seed)
+    if part == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.heads,
+            max_position_embeddings=max(512, args.seq),
+            use_cache=False,
+        )
+        return LlamaForCausalLM(cfg)
+    from diffusers import UNet2DConditionModel
+
+    down, up = unet_blocks(args.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=args.unet_sample,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=args.unet_channels,
+        down_block_types=down,
+        up_block_types=up,
+        layers_per_block=args.unet_layers,
+        cross_attention_dim=args.unet_cross,
+        norm_num_groups=min(32, min(args.unet_channels)),
+    )
+
+
+def make_batches(part: str, args: argparse.Namespace, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    batches = []
+    for _ in range(N_BATCHES):
+        if part == "llama":
+            ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)
+            batches.append({"ids": ids.to(device)})
+        else:
+            b, s = args.unet_batch, args.unet_sample
+            batch = {
+                "latents": torch.randn(b, 4, s, s, generator=gen),
+                "noise": torch.randn(b, 4, s, s, generator=gen),
+                "t": torch.randint(0, 1000, (b,), generator=gen),
+                "text": torch.randn(b, args.unet_text_len, args.unet_cross, generator=gen),
+            }
+            batches.append({k: v.to(device) for k, v in batch.items()})
+    return batches
+
+
+class Loss:
+    """The training loss of a part: causal-LM cross-entropy, or the DDPM epsilon MSE."""
+
+    def __init__(self, part: str) -> None:
+        self.part = part
+        if part == "unet":
+            from diffusers import DDPMScheduler
+
+            self.scheduler = DDPMScheduler(num_train_timesteps=1000)
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.part == "llama":
+            return model(input_ids=batch["ids"], labels=batch["ids"], use_cache=False).loss
+        noisy = self.scheduler.add_noise(batch["latents"], batch["noise"], batch["t"])
+        pred = model(noisy, batch["t"], encoder_hidden_states=batch["text"]).sample
+        return nn.functional.mse_loss(pred, batch["noise"])
+
+
+def preset_targets(model: nn.Module) -> list[str]:
+    """Names of the modules the backbone preset targets (what the callbacks use by default)."""
+    from lightning_peft.adapters.targeting import match_targets
+    from lightning_peft.backbones import default_target_modules
+
+    preset = default_target_modules(model)
+    if not preset:
+        raise RuntimeError(f"no preset target_modules for {type(model).__name__}")
+    return list(match_targets(model, list(preset)).matched)
+
+
+def all_conv_linear(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+
+
+def lora_count(model: nn.Module, names: list[str], r: int) -> int:
+    """Trainable parameters of LoRA rank ``r`` on the named linear layers: ``r * (in + out)`` each."""
+    total = 0
+    for name in names:
+        m = model.get_submodule(name)
+        total += r * (m.in_features + m.out_features)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------- methods
+
+
+class Method:
+    """What a configuration does to the model and around ``backward`` (the callbacks' hooks, in a plain loop)."""
+
+    def __init__(self) -> None:
+        self.info: dict[str, Any] = {}
+
+    def params(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def before_forward(self, step: int) -> None:
+        """``on_train_batch_start``."""
+
+    def after_backward(self, step: int) -> None:
+        """``on_before_optimizer_step``: gradients complete."""
+
+    def trained_entries(self, params: list[nn.Parameter]) -> int:
+        return sum(p.numel() for p in params)
+
+
+class Full(Method):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        model.requires_grad_(True)
+
+
+class LoRA(Method):
+    def __init__(self, model: nn.Module, targets: list[str], args: argparse.Namespace) -> None:
+        super().__init__()
+        from lightning_peft.adapters import LoRAConfig, inject_adapters
+
+        adapted = inject_adapters(model, LoRAConfig(r=args.r, alpha=args.alpha, target_modules=targets))
+        self.info["layers"] = len(adapted)
+
+
+class SparseBase(Method):
+    """``inject_sparse`` on the targets' weights; the bank's ``values`` is the one trainable parameter."""
+
+    def __init__(self, model: nn.Module, targets: list[str], capacity: int) -> None:
+        super().__init__()
+        from lightning_peft.adapters.sparse import inject_sparse, sparse_layers
+
+        model.requires_grad_(False)
+        self.bank = inject_sparse(model, {name: ("weight",) for name in targets}, capacity)
+        self.bank.values.requires_grad_(True)
+        self.layers = dict(sparse_layers(model))
+        self.info["layers"] = len(self.layers)
+        self.info["capacity"] = capacity
+        self.info["target_numel"] = sum(layer.base_layer.weight.numel() for layer in self.layers.values())
+        self.info["slow_path_layers"] = sum(layer._fast is None for layer in self.layers.values())  # functional_call
+
+    def trained_entries(self, params: list[nn.Parameter]) -> int:
+        return self.bank.used
+
+
+class ID3Sparse(SparseBase):
+    """What :class:`lightning_peft.callbacks.ID3` does, without Lightning (no accumulation, one process)."""
+
+    def __init__(self, model: nn.Module, targets: list[str], budget: int, total_steps: int) -> None:
+        super().__init__(model, targets, budget)
+        from lightning_peft.methods.id3 import Unmasker
+
+        self.unmasker = Unmasker(budget, total_steps, self.info["target_numel"], eps=1e-8, exp=1.0)
+        self.keys = {id(layer): name for name, layer in self.layers.items()}
+        self.armed = False
+        self.info["total_steps"] = total_steps
+
+    def _hook(self, layer: Any, name: str, grad: torch.Tensor) -> None:
+        key = f"{self.keys[id(layer)]}:{name}"
+        self.unmasker.observe(key, grad, layer.base_layer.get_parameter(name), layer.indices(name))
+
+    def _set_hooks(self, on: bool) -> None:
+        for layer in self.layers.values():
+            layer.grad_hook = self._hook if on else None
+        self.armed = on
+
+    def before_forward(self, step: int) -> None:
+        want = self.unmasker.wants_gradients(step)
+        if want != self.armed:
+            self._set_hooks(want)
+
+    def after_backward(self, step: int) -> None:
+        if not self.armed:
+            return
+        picks = self.unmasker.select(step)
+        grads = self.unmasker.selected_grads
+        values = self.bank.values
+        if values.grad is None:
+            values.grad = torch.zeros_like(values)
+        for key, indices in picks.items():
+            layer_name, pname = key.rsplit(":", 1)
+            slots = self.layers[layer_name].add(pname, indices)
+            values.grad[slots] = grads[key].to(values.grad)
+        self._set_hooks(False)
+
+
+class MaskedBase(Method):
+    """The reference toolkits' way: target weights as dense trainable parameters, gradients masked after backward."""
+
+    def __init__(self, model: nn.Module, targets: list[str]) -> None:
+        super().__init__()
+        model.requires_grad_(False)
+        self.weights = [model.get_submodule(name).weight for name in targets]
+        for w in self.weights:
+            w.requires_grad_(True)
+        self.masks = [torch.zeros_like(w, dtype=torch.bool) for w in self.weights]
+        self.info["layers"] = len(self.weights)
+        self.info["target_numel"] = sum(w.numel() for w in self.weights)
+
+    def apply_masks(self) -> None:
+        for w, m in zip(self.weights, self.masks, strict=True):
+            if w.grad is not None:
+                w.grad.mul_(m)
+
+    def trained_entries(self, params: list[nn.Parameter]) -> int:
+        return int(sum(int(m.sum()) for m in self.masks))
+
+
+class ID3Masked(MaskedBase):
+    """The reference's ID³: the same score over the dense ``.grad`` of every target, a model-sized global top-k."""
+
+    def __init__(self, model: nn.Module, targets: list[str], budget: int, total_steps: int) -> None:
+        super().__init__(model, targets)
+        from lightning_peft.methods.id3 import Unmasker
+
+        self.schedule = Unmasker(budget, total_steps, self.info["target_numel"])  # the same B // T schedule
+        self.eps, self.exp = 1e-8, 1.0
+        self.info["total_steps"] = total_steps
+
+    @torch.no_grad()
+    def after_backward(self, step: int) -> None:
+        n = self.schedule.schedule(step)
+        if n > 0:
+            scores = torch.cat(
+                [
+                    (w.grad.abs() / (self.eps + w.abs()) ** self.exp).masked_fill_(m, -math.inf).reshape(-1)
+                    for w, m in zip(self.weights, self.masks, strict=True)
+                ]
+            )
+            chosen = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+            chosen[torch.topk(scores, n).indices] = True
+            del scores
+            for m, part in zip(self.masks, chosen.split([m.numel() for m in self.masks]), strict=True):
+                m |= part.view_as(m)
+        self.apply_masks()
+
+
+class SaRAPenalty:
+    """The nuclear-norm penalty's draw, as :class:`lightning_peft.callbacks.SaRA` configures it."""
+
+    def __init__(self, fraction: float, lam: float) -> None:
+        from lightning_peft.methods.sara import SaRASelector
+
+        self.selector = SaRASelector(fraction=fraction, matrices=1, every=1, min_dim=1, seed=0)
+        self.lam = lam
+
+
+class SaRASparse(SparseBase):
+    """What :class:`lightning_peft.callbacks.SaRA` does: select the smallest ``|w|``, penalise one matrix per step."""
+
+    def __init__(self, model: nn.Module, targets: list[str], fraction: float, lam: float) -> None:
+        self.pen = SaRAPenalty(fraction, lam)
+        sel = self.pen.selector
+        capacity = sum(sel.count(model.get_submodule(n).weight) for n in targets)
+        super().__init__(model, targets, capacity)
+        for layer in self.layers.values():  # SaRA._select_all (on_train_start)
+            layer.add("weight", sel.select(layer.base_layer.weight, limit=self.bank.free))
+        self.eligible = [
+            (layer, "weight") for layer in self.layers.values() if sel.eligible(layer.base_layer.weight.shape)
+        ]
+        self.info["eligible"] = len(self.eligible)
+
+    @torch.no_grad()
+    def after_backward(self, step: int) -> None:  # SaRA.add_penalty_grad
+        from lightning_peft.methods.sara import nuclear_norm_grad
+
+        picks = self.pen.selector.penalty_matrices(step, len(self.eligible))
+        if not picks or self.pen.lam == 0:
+            return
+        values = self.bank.values
+        if values.grad is None:
+            values.grad = torch.zeros_like(values)
+        scale = len(self.eligible) / len(picks)
+        for i in picks:
+            layer, pname = self.eligible[i]
+            weight = layer.base_layer.get_parameter(pname)
+            indices, deltas = layer.delta(pname)
+            delta = torch.zeros(weight.numel(), dtype=torch.float32, device=weight.device)
+            delta[indices] = deltas
+            _, grad = nuclear_norm_grad(delta.view(weight.shape))
+            values.grad.index_add_(
+                0,
+                layer.active_slots(pname),
+                (self.pen.lam * scale * grad.reshape(-1)[layer.active_indices(pname)]).to(values),
+            )
+
+
+class SaRAMasked(MaskedBase):
+    """The reference-like SaRA: dense target weights, a fixed 0/1 mask on their gradients, dense AdamW."""
+
+    def __init__(self, model: nn.Module, targets: list[str], fraction: float, lam: float) -> None:
+        super().__init__(model, targets)
+        self.pen = SaRAPenalty(fraction, lam)
+        for w, m in zip(self.weights, self.masks, strict=True):
+            m.view(-1)[self.pen.selector.select(w)] = True
+        self.eligible = [i for i, w in enumerate(self.weights) if self.pen.selector.eligible(w.shape)]
+
+    @torch.no_grad()
+    def after_backward(self, step: int) -> None:
+        from lightning_peft.methods.sara import nuclear_norm_grad
+
+        self.apply_masks()
+        picks = self.pen.selector.penalty_matrices(step, len(self.eligible))
+        scale = len(self.eligible) / max(1, len(picks))
+        for i in picks:  # the reference penalises W * M; the gradient goes to the masked entries
+            w, m = self.weights[self.eligible[i]], self.masks[self.eligible[i]]
+            _, grad = nuclear_norm_grad(w * m)
+            w.grad.add_(grad.mul_(m).to(w.grad), alpha=self.pen.lam * scale)
+
+
+def make_method(part: str, config: str, model: nn.Module, args: argparse.Namespace) -> Method:
+    if config == "full":
+        return Full(model)
+    targets = preset_targets(model)
+    if config == "lora":
+        return LoRA(model, targets, args)
+    if part == "llama":
+        budget = lora_count(model, targets, args.r)
+        if config == "id3":
+            return ID3Sparse(model, targets, budget, args.id3_t)
+        if config == "id3_steady":
+            return ID3Sparse(model, targets, budget, args.id3_steady_t)
+        if config == "id3_masked":
+            return ID3Masked(model, targets, budget, args.id3_t)
+    else:
+        if config == "sara":
+            return SaRASparse(model, targets, args.sara_fraction, args.sara_lambda)
+        if config == "sara_masked":
+            return SaRAMasked(model, targets, args.sara_fraction, args.sara_lambda)
+        if config == "sara_all":
+            return SaRASparse(model, all_conv_linear(model), args.sara_fraction, args.sara_lambda)
+    raise ValueError(f"unknown configuration {part}:{config}")
+
+
+# ----------------------------------------------------------------------------------------------- worker
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    part, config = args.worker.split(":")
+    if args.id3_t <= 0:
+        args.id3_t = args.warmup + args.steps
+    device = torch.device(args.device)
+    # import everything the run needs before the memory baseline, so that imports do not count
+    if part == "llama":
+        import transformers.models.llama.modeling_llama  # noqa: F401
+    else:
+        import diffusers  # noqa: F401
+        from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: F401
+    import lightning_peft.adapters.sparse  # noqa: F401
+    import lightning_peft.methods.id3  # noqa: F401
+    import lightning_peft.methods.sara  # noqa: F401
+    from lightning_peft.adapters import LoRAConfig, inject_adapters  # noqa: F401
+
+    loss_fn = Loss(part)
+    gc.collect()
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        mem_before = torch.cuda.memory_allocated(device)
+        peak_is_reset = True
+    else:
+        mem_before = rss_bytes()
+        peak_is_reset = reset_peak_rss()
+        if not peak_is_reset:
+            mem_before = max(mem_before, peak_rss_bytes())
+
+    model = build_model(part, args).to(device)
+    total_params = sum(p.numel() for p in model.parameters())
+    method = make_method(part, config, model, args)
+    params = method.params(model)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    batches = make_batches(part, args, device)
+    model.train()
+
+    untimed = args.warmup + (args.id3_steady_t if config == "id3_steady" else 0)
+    phases: dict[str, list[float]] = {"step": [], "fwd": [], "bwd": [], "method": [], "opt": []}
+    losses: list[float] = []
+    others = OthersLoad()
+    untimed_peak = 0
+    for step in range(untimed + args.steps):
+        if step == untimed:  # from here on the peak of the timed steps only (the whole run's is kept too)
+            sync(device)
+            untimed_peak = current_peak(device)
+            reset_peak(device)
+            others.start()
+        batch = batches[step % len(batches)]
+        sync(device)
+        t0 = time.perf_counter()
+        method.before_forward(step)
+        loss = loss_fn(model, batch)
+        sync(device)
+        t1 = time.perf_counter()
+        loss.backward()
+        sync(device)
+        t2 = time.perf_counter()
+        method.after_backward(step)
+        sync(device)
+        t3 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        t4 = time.perf_counter()
+        if step >= untimed:
+            for key, value in zip(phases, (t4 - t0, t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                phases[key].append(value)
+        losses.append(float(loss.detach()))
+    others_share = others.stop()
+    sync(device)
+    timed_peak = current_peak(device)
+    peak = max(untimed_peak, timed_peak)
+
+    return {
+        "part": part,
+        "config": config,
+        "total": total_params,
+        "trainable": sum(p.numel() for p in params),
+        "trained_entries": method.trained_entries(params),
+        "opt_state_bytes": optimizer_state_bytes(opt),
+        "mem_before_bytes": mem_before,
+        "peak_bytes": peak,
+        "peak_growth_bytes": peak - mem_before,
+        "peak_is_reset": peak_is_reset,
+        "timed_peak_bytes": timed_peak,
+        "timed_peak_growth_bytes": timed_peak - mem_before,
+        "step_s": statistics.median(phases["step"]),
+        "step_min_s": min(phases["step"]),
+        "step_max_s": max(phases["step"]),
+        "phases_s": {k: statistics.median(v) for k, v in phases.items()},
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "others_cpu_share": others_share,
+        "threads": torch.get_num_threads(),
+        "info": method.info,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def wait_for_quiet(limit_s: float, threshold: float = NOISY) -> None:
+    """Wait (at most ``limit_s``) until other processes use under ``threshold`` of the CPUs for 2 s running."""
+    deadline = time.perf_counter() + limit_s
+    while time.perf_counter() < deadline:
+        probe = OthersLoad((resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)).start()
+        time.sleep(2.0)
+        share = probe.stop()
+        if share is None or share < threshold:
+            return
+
+
+WORKER_ARGS = (
+    "steps",
+    "warmup",
+    "device",
+    "threads",
+    "seed",
+    "r",
+    "alpha",
+    "hidden",
+    "layers",
+    "intermediate",
+    "heads",
+    "vocab",
+    "batch",
+    "seq",
+    "id3_steady_t",
+    "id3_t",
+    "unet_sample",
+    "unet_layers",
+    "unet_cross",
+    "unet_batch",
+    "unet_text_len",
+    "sara_fraction",
+    "sara_lambda",
+)
+
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # glibc: every block >= 64 KiB is mmapped, hence unmapped on free
+
+
+def spawn(args: argparse.Namespace, part: str, config: str, memory: bool = False) -> dict[str, Any]:
+    """One configuration in a fresh process; ``memory``: the memory pass (fixed mmap threshold, fewer steps)."""
+    if args.wait_idle > 0 and not memory:
+        wait_for_quiet(args.wait_idle)
+    values = vars(args) | {"id3_t": args.warmup + args.steps}  # ID³ unmasks during every timed step
+    if memory:  # the same T (the same entries per step as timed); id3 runs all T steps, to its full selection
+        steps = values["id3_t"] - 1 if config == "id3" else args.memory_steps
+        values |= {"steps": steps, "warmup": 1}
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{part}:{config}"]
+    for name in WORKER_ARGS:
+        cmd += [f"--{name.replace('_', '-')}", str(values[name])]
+    cmd += ["--unet-channels", ",".join(map(str, args.unet_channels))]
+    env = os.environ | (MALLOC_ENV if memory else {})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-4000:])
+        sys.exit(f"error: worker {part}:{config} failed (exit {proc.returncode}); its stderr is above")
+    return json.loads(lines[-1][len(RESULT_MARK) :])
+
+
+MEMORY_KEYS = ("peak_bytes", "peak_growth_bytes", "timed_peak_bytes", "timed_peak_growth_bytes")
+
+
+def measure(args: argparse.Namespace, part: str, config: str) -> dict[str, Any]:
+    """The timing run (re-measured up to ``--noisy-retries`` times if disturbed; the fastest is kept), then on CPU
+    the memory pass, whose peaks replace the timing run's (kept as ``default_malloc``)."""
+    runs = [spawn(args, part, config)]
+    for _ in range(args.noisy_retries):
+        if (runs[-1]["others_cpu_share"] or 0.0) <= NOISY:
+            break
+        runs.append(spawn(args, part, config))
+    best = dict(min(runs, key=lambda r: r["step_s"]))
+    best["runs"] = len(runs)
+    best["default_malloc"] = {k: best[k] for k in MEMORY_KEYS}
+    if args.device == "cpu" and args.memory_steps > 0:
+        mem = spawn(args, part, config, memory=True)
+        best.update({k: mem[k] for k in MEMORY_KEYS})
+        best["memory_pass"] = True
+    return best
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.3f}" if a is not None and b else "—"
+
+
+def _ms(s: float) -> str:
+    return f"{1000 * s:.1f}"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def _verdict(ok: bool) -> str:
+    return "**PASS**" if ok else "**MISS**"
+
+
+def table(part: str, res: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    full = res.get("full")
+    cuda = args.device == "cuda"
+    mem = "peak CUDA alloc" if cuda else "peak RSS"
+    if part == "llama":
+        what = (
+            f"## Part A, ID³ (issue #5): LlamaForCausalLM hidden {args.hidden}, intermediate {args.intermediate}, "
+            f"{args.layers} layers, {args.heads} heads, vocab {args.vocab}; batch {args.batch} x {args.seq} tokens"
+        )
+    else:
+        what = (
+            f"## Part B, SaRA (issue #6): UNet2DConditionModel sample {args.unet_sample}, channels "
+            f"{'/'.join(map(str, args.unet_channels))}, {args.unet_layers} layers per block, cross-attention dim "
+            f"{args.unet_cross}; batch {args.unet_batch}, text {args.unet_batch} x {args.unet_text_len} x "
+            f"{args.unet_cross}; DDPM epsilon loss"
+        )
+    any_r = next(iter(res.values()))
+    memory_pass = all(r.get("memory_pass") for r in res.values())
+    lines = [what, "", f"{any_r['total']:,} parameters."]
+    notes = []
+    for key, r in res.items():
+        info = r["info"]
+        bits = []
+        if "layers" in info:
+            bits.append(f"{info['layers']} layers")
+        if "target_numel" in info:
+            bits.append(f"{info['target_numel']:,} target entries")
+        if "capacity" in info:
+            bits.append(f"bank of {info['capacity']:,}")
+        if "total_steps" in info:
+            bits.append(f"T={info['total_steps']}")
+        if "eligible" in info:
+            bits.append(f"{info['eligible']} penalty-eligible matrices")
+        if info.get("slow_path_layers"):
+            bits.append(f"{info['slow_path_layers']} layers through functional_call")
+        if bits:
+            notes.append(f"{key}: " + ", ".join(bits))
+    if notes:
+        lines[-1] += " " + "; ".join(notes) + "."
+    lines += [
+        "",
+        f"| configuration | optimizer params | entries trained | step (ms) | step / full FT | fwd / bwd / method / "
+        f"opt (ms) | AdamW state (MiB) | {mem} growth (MiB) | growth / full FT | growth in timed steps (MiB) "
+        f"| timed / full FT | {mem} (MiB) |"
+        + (" growth, default malloc (MiB) |" if memory_pass else "")
+        + " others' CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if memory_pass else ""),
+    ]
+    for key, r in res.items():
+        ph = r["phases_s"]
+        share = r["others_cpu_share"]
+        disturbed = share is not None and share > NOISY
+        cells = [
+            f"`{key}` {LABELS[key]}",
+            f"{r['trainable']:,}",
+            f"{r['trained_entries']:,}",
+            _ms(r["step_s"]),
+            _ratio(r["step_s"], full["step_s"] if full else None),
+            " / ".join(_ms(ph[k]) for k in ("fwd", "bwd", "method", "opt")),
+            _mib(r["opt_state_bytes"]),
+            _mib(r["peak_growth_bytes"]),
+            _ratio(r["peak_growth_bytes"], full["peak_growth_bytes"] if full else None),
+            _mib(r["timed_peak_growth_bytes"]),
+            _ratio(r["timed_peak_growth_bytes"], full["timed_peak_growth_bytes"] if full else None),
+            _mib(r["peak_bytes"]),
+            *([_mib(r["default_malloc"]["peak_growth_bytes"])] if memory_pass else []),
+            ("—" if share is None else f"{100 * share:.0f} %") + (" **disturbed**" if disturbed else ""),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Goals (figures of this run):", ""]
+    lines += goals(part, res, mem)
+    lines.append("")
+    return lines
+
+
+def goals(part: str, res: dict[str, dict[str, Any]], mem: str) -> list[str]:
+    out: list[str] = []
+    full = res.get("full")
+    if part == "llama":
+        id3 = res.get("id3") or res.get("id3_steady")
+        if id3 is not None:
+            n = id3["info"]["target_numel"]
+            budget = id3["info"]["capacity"]
+            dense = 2 * n * 4  # AdamW's exp_avg + exp_avg_sq of the float32 target weights
+            state_ratio = id3["opt_state_bytes"] / dense
+            fraction = budget / n
+            ok = abs(state_ratio / fraction - 1) <= STATE_TOLERANCE
+            ref = res.get("id3_masked")
+            ref_txt = (
+                f" (the reference-like run's measured AdamW state: {ref['opt_state_bytes']:,} bytes)" if ref else ""
+            )
+            out.append(
+                f"- AdamW state = budget fraction: ID³ state {id3['opt_state_bytes']:,} bytes / dense AdamW state "
+                f"of the target weights {dense:,} bytes{ref_txt} = {state_ratio:.5f}; budget fraction B/N = "
+                f"{budget:,}/{n:,} = {fraction:.5f}; ratio {state_ratio / fraction:.4f} "
+                f"(goal 1 ± {STATE_TOLERANCE:g}): {_verdict(ok)}"
+            )
+        sparse_keys = [k for k in ("id3", "id3_steady") if k in res]
+        ref_key = "id3_masked"
+    else:
+        sparse_keys = [k for k in ("sara", "sara_all") if k in res]
+        ref_key = "sara_masked"
+    if full is None:
+        out.append("- peak and step goals need the `full` configuration in the same run")
+        return out
+    for key in sparse_keys + ([ref_key] if ref_key in res else []):
+        r = res[key]
+        peak = r["peak_growth_bytes"] / full["peak_growth_bytes"]
+        step = r["step_s"] / full["step_s"]
+        timed = r["timed_peak_growth_bytes"] / full["timed_peak_growth_bytes"]
+        tag = "" if key != ref_key else " (for comparison, not a goal)"
+        out.append(
+            f"- `{key}`{tag}: {mem} growth {_mib(r['peak_growth_bytes'])} MiB / full FT "
+            f"{_mib(full['peak_growth_bytes'])} MiB = {peak:.3f} (goal <= {PEAK_GOAL}): {_verdict(peak <= PEAK_GOAL)} "
+            f"(timed steps only: {timed:.3f}, {_verdict(timed <= PEAK_GOAL)}); "
+            f"step {_ms(r['step_s'])} ms / full FT {_ms(full['step_s'])} ms = {step:.3f} "
+            f"(goal <= {STEP_GOAL}): {_verdict(step <= STEP_GOAL)}"
+        )
+    return out
+
+
+def loadavg() -> str:
+    try:
+        return "/".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of llama,unet")
+    parser.add_argument("--configs", default="", help="comma-separated subset of the configurations (default all)")
+    parser.add_argument("--steps", type=int, default=8, help="timed training steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = the cores available to us")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--r", type=int, default=8, help="LoRA rank (and ID³'s budget: LoRA's parameter count)")
+    parser.add_argument("--alpha", type=float, default=16.0)
+    parser.add_argument("--tiny", action="store_true", help="small models for a smoke check")
+    llama = parser.add_argument_group("part A (Llama, ID³)")
+    llama.add_argument("--hidden", type=int, default=256)
+    llama.add_argument("--layers", type=int, default=8)
+    llama.add_argument("--intermediate", type=int, default=688)
+    llama.add_argument("--heads", type=int, default=4)
+    llama.add_argument("--vocab", type=int, default=2048)
+    llama.add_argument("--batch", type=int, default=8)
+    llama.add_argument("--seq", type=int, default=128)
+    llama.add_argument("--id3-steady-t", type=int, default=2, help="T of the id3_steady configuration")
+    llama.add_argument("--id3-t", type=int, default=0, help=argparse.SUPPRESS)  # set by the driver: warm-up + steps
+    unet = parser.add_argument_group("part B (UNet, SaRA)")
+    unet.add_argument("--unet-sample", type=int, default=32)
+    unet.add_argument("--unet-channels", type=_ints, default=(64, 128, 256))
+    unet.add_argument("--unet-layers", type=int, default=2)
+    unet.add_argument("--unet-cross", type=int, default=128)
+    unet.add_argument("--unet-batch", type=int, default=4)
+    unet.add_argument("--unet-text-len", type=int, default=8)
+    unet.add_argument("--sara-fraction", type=float, default=0.1)
+    unet.add_argument("--sara-lambda", type=float, default=5e-4)
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="on a shared machine: before each measurement, wait up to this long for other processes to go quiet",
+    )
+    parser.add_argument(
+        "--noisy-retries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="measure a configuration again, up to N times, when other processes used over 10 %% of the CPUs "
+        "during its timed steps; the fastest run is kept",
+    )
+    parser.add_argument(
+        "--memory-steps",
+        type=int,
+        default=2,
+        metavar="N",
+        help="CPU: steps (after 1 warm-up) of the memory pass, a second fresh process per configuration with "
+        "MALLOC_MMAP_THRESHOLD_=65536 whose peak RSS is reported; 0: report the timing run's peak RSS instead",
+    )
+    parser.add_argument("--markdown", metavar="PATH", help="also write the output to this file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0 or args.noisy_retries < 0 or args.id3_steady_t < 1:
+        parser.error("--steps and --id3-steady-t must be >= 1, --warmup and --noisy-retries >= 0")
+    if args.tiny and not args.worker:
+        args.hidden, args.layers, args.intermediate, args.heads, args.vocab = 64, 2, 172, 4, 256
+        args.batch, args.seq = 2, 32
+        args.unet_sample, args.unet_channels, args.unet_layers, args.unet_cross = 16, (32, 64), 1, 32
+        args.unet_batch, args.unet_text_len = 2, 4
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but torch.cuda.is_available() is False")
+    if args.threads <= 0:
+        args.threads = cores()
+    torch.set_num_threads(args.threads)
+
+    if args.worker:
+        print(RESULT_MARK + json.dumps(run_worker(args)), flush=True)
+        return
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if not parts or any(p not in PARTS for p in parts):
+        parser.error(f"--parts must be a comma-separated subset of {','.join(PARTS)}")
+    wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
+    known = {c for p in parts for c in CONFIGS[p]}
+    if any(c not in known for c in wanted):
+        parser.error(f"--configs must name configurations of the parts run: {sorted(known)}")
+
+    start = time.perf_counter()
+    load = OthersLoad((resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)).start()
+    load_start = loadavg()
+    header = [
+        f"# Sparse methods: ID³ and SaRA memory and speed ({datetime.datetime.now().strftime('%Y-%m-%d %H:%M')})",
+        "",
+        f"Device: {device_name(args.device)}, {cores()} cores ({args.device}, {args.threads} threads); "
+        f"torch {torch.__version__}, transformers {_version('transformers')}, diffusers {_version('diffusers')}; "
+        f"python {platform.python_version()}. Plain PyTorch loops, AdamW (lr 1e-4) everywhere; median of "
+        f"{args.steps} steps after {args.warmup} warm-up; every configuration in a fresh process"
+        + (f"; up to {args.noisy_retries} re-runs of a disturbed measurement" if args.noisy_retries else "")
+        + (
+            f". Memory columns from a second fresh process per configuration (1 + {args.memory_steps} steps; "
+            "id3: all T steps; "
+            "glibc MALLOC_MMAP_THRESHOLD_=65536, so freed tensors leave the RSS); the last column is the timing "
+            "run's growth under glibc's default (dynamic) mmap threshold"
+            if args.device == "cpu" and args.memory_steps > 0
+            else ""
+        )
+        + f". Load average (1/5/15 min) at the start: {load_start}.",
+        "",
+    ]
+    print("\n".join(header), flush=True)
+    out = list(header)
+    for part in parts:
+        res = {c: measure(args, part, c) for c in CONFIGS[part] if not wanted or c in wanted}
+        if not res:
+            continue
+        lines = table(part, res, args)
+        print("\n".join(lines), flush=True)
+        out += lines
+    share = load.stop()
+    footer = (
+        f"Total wall time {time.perf_counter() - start:.0f} s"
+        + ("" if share is None else f"; other processes used {100 * share:.0f} % of the machine's CPU meanwhile")
+        + f"; load average at the end: {loadavg()}."
+    )
+    print(footer)
+    out.append(footer)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()
