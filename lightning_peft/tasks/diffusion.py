@@ -126,10 +126,12 @@ class DenoisingModule(pl.LightningModule):
             raise ValueError("vae=True needs pretrained: the VAE is loaded from the pipeline's 'vae' subfolder")
         if pretrained is None and arch == "unet" and (width % 8 or depth < 1):
             raise ValueError(
-                f"the UNet needs width a multiple of 8 (GroupNorm of 8 groups) and depth >= 1, got {width}"
+                f"the UNet needs width a multiple of 8 (GroupNorm of 8 groups) and depth >= 1, got {width=}, {depth=}"
             )
         if pretrained is None and arch == "dit" and (width % num_heads or depth < 1):
-            raise ValueError(f"the DiT needs width a multiple of num_heads ({num_heads}) and depth >= 1, got {width}")
+            raise ValueError(
+                f"the DiT needs width a multiple of num_heads and depth >= 1, got {width=}, {num_heads=}, {depth=}"
+            )
         self.save_hyperparameters()
         from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel
 
@@ -165,9 +167,10 @@ class DenoisingModule(pl.LightningModule):
         """Images in [-1, 1] to what the backbone denoises: the images, or the VAE's scaled latents."""
         if self.vae is None:
             return images
+        vae: Any = self.vae  # an AutoencoderKL
         with torch.no_grad():
-            latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
-        return latents * self.vae.config.scaling_factor
+            latents = vae.encode(images.to(vae.dtype)).latent_dist.mean
+        return latents * vae.config.scaling_factor
 
     def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The backbone's noise (or ``v``) prediction for ``sample`` at ``timesteps``, conditioned on ``labels``."""

@@ -169,7 +169,7 @@ class DocstringCorpusDataModule(pl.LightningDataModule):
             return bytes(ids.tolist()).decode("utf-8", errors="replace")
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.tokenizer).decode(ids.tolist())
+        return str(AutoTokenizer.from_pretrained(self.tokenizer).decode(ids.tolist()))
 
     def _blocks(self, ids: torch.Tensor) -> torch.Tensor:
         n = len(ids) // self.block_size
@@ -504,7 +504,8 @@ class TextClassificationModel(nn.Module):
     def __init__(self, encoder: nn.Module, num_classes: int) -> None:
         super().__init__()
         self.encoder = encoder
-        self.classifier = nn.Linear(encoder.config.hidden_size, num_classes)
+        config: Any = encoder.config
+        self.classifier = nn.Linear(config.hidden_size, num_classes)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
