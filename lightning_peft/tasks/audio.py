@@ -14,8 +14,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from lightning_peft.tasks.base import ClassifierSteps, TensorSplitDataModule
 
 __all__ = ["AudioClassifier", "TwoNoteMelodyDataModule", "log_mel_spectrogram", "mel_filter_bank"]
 
@@ -80,7 +81,7 @@ def log_mel_spectrogram(
     return torch.log(torch.einsum("bft,fm->btm", spec, fbank) + 1e-6)
 
 
-class TwoNoteMelodyDataModule(pl.LightningDataModule):
+class TwoNoteMelodyDataModule(TensorSplitDataModule):
     """Synthetic, deterministic audio classification: which two-note melody a noisy clip plays.
 
     Every clip plays one sine tone, then another; class ``k`` is the ``k``-th ordered pair of distinct pitches
@@ -111,6 +112,8 @@ class TwoNoteMelodyDataModule(pl.LightningDataModule):
         >>> dm.train_set.tensors[0].shape
         torch.Size([9, 32, 16])
     """
+
+    val_batch_size = 256
 
     def __init__(
         self,
@@ -190,22 +193,8 @@ class TwoNoteMelodyDataModule(pl.LightningDataModule):
         self.train_set = TensorDataset(feats[~is_val], labels[~is_val])
         self.val_set = TensorDataset(feats[is_val], labels[is_val])
 
-    def _loader(self, dataset: TensorDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("TwoNoteMelodyDataModule.setup() has not run; the Trainer calls it before loading data")
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, 256, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-
-class AudioClassifier(pl.LightningModule):
+class AudioClassifier(ClassifierSteps, pl.LightningModule):
     """An ``ASTForAudioClassification`` trained with cross-entropy on ``(features, labels)`` batches.
 
     Features are ``(B, max_length, num_mel_bins)`` log-mel spectrograms (time first), e.g. from
@@ -285,25 +274,3 @@ class AudioClassifier(pl.LightningModule):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.model(input_values=features).logits
-
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        acc = (logits.argmax(-1) == y).float().mean()
-        self.log(f"{stage}_loss", loss, prog_bar=stage != "train", sync_dist=stage != "train")
-        self.log(f"{stage}_acc", acc, prog_bar=True, sync_dist=stage != "train")
-        return loss
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from lightning_peft.tasks.base import TensorSplitDataModule
 
 __all__ = ["DigitsDataModule"]
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(TensorSplitDataModule):
     """scikit-learn's handwritten digits (1,797 real 8x8 grey images, 10 classes) as image tensors.
 
     The split is fixed by ``seed`` (stratified), so every rank and every run sees the same sets.
@@ -26,6 +27,8 @@ class DigitsDataModule(pl.LightningDataModule):
     Raises:
         ImportError: scikit-learn is not installed (``pip install scikit-learn``).
     """
+
+    val_batch_size = 256
 
     def __init__(
         self,
@@ -71,17 +74,3 @@ class DigitsDataModule(pl.LightningDataModule):
             train_idx.append(idx[n_val:])
         tr, va = torch.cat(train_idx), torch.cat(val_idx)
         self.train_set, self.val_set = TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va])
-
-    def _loader(self, dataset: TensorDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("DigitsDataModule.setup() has not run; the Trainer calls it before loading data")
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, 256, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_peft.tasks.base import TrainableAdamW
+
 __all__ = ["DenoisingModule"]
 
 Arch = Literal["unet", "dit"]
@@ -54,7 +56,7 @@ def _dit_config(
     }
 
 
-class DenoisingModule(pl.LightningModule):
+class DenoisingModule(TrainableAdamW, pl.LightningModule):
     """A class-conditional diffusion model trained with the DDPM noise-prediction loss.
 
     Each training step draws a timestep per image, noises the image with
@@ -245,7 +247,3 @@ class DenoisingModule(pl.LightningModule):
         images, labels = batch
         loss = self.denoising_loss(images, labels, generator=torch.Generator().manual_seed(batch_idx))
         self.log("test_loss", loss, sync_dist=True)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)

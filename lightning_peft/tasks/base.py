@@ -1,0 +1,71 @@
+"""What the ready-made tasks share: tensor-split data modules, classification steps, AdamW over what trains."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+__all__ = ["ClassifierSteps", "TensorSplitDataModule", "TrainableAdamW"]
+
+
+class TensorSplitDataModule(pl.LightningDataModule):
+    """A data module whose ``setup`` fills ``train_set`` / ``val_set``; test uses the validation split.
+
+    Subclasses set ``batch_size``, ``num_workers`` and ``val_batch_size`` and build the two datasets in ``setup``.
+    """
+
+    train_set: TensorDataset | None = None
+    val_set: TensorDataset | None = None
+    batch_size: int = 32
+    val_batch_size: int = 256
+    num_workers: int = 0
+
+    def _loader(self, dataset: TensorDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not run; the Trainer calls it before loading data")
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+class TrainableAdamW:
+    """``configure_optimizers``: AdamW over the parameters that require grad *when it runs* (after a callback's
+    ``setup`` chose them; LISA relies on it). Needs ``lr`` and ``weight_decay`` attributes."""
+
+    lr: float
+    weight_decay: float
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+class ClassifierSteps(TrainableAdamW):
+    """Cross-entropy train/val/test steps on ``(*inputs, labels)`` batches, logging ``<stage>_loss`` and ``_acc``."""
+
+    def _step(self, batch: tuple[torch.Tensor, ...], stage: str) -> torch.Tensor:
+        *inputs, y = batch
+        logits = self(*inputs)  # type: ignore[operator]
+        loss = F.cross_entropy(logits, y)
+        acc = (logits.argmax(-1) == y).float().mean()
+        self.log(f"{stage}_loss", loss, prog_bar=stage != "train", sync_dist=stage != "train")  # type: ignore[attr-defined]
+        self.log(f"{stage}_acc", acc, prog_bar=True, sync_dist=stage != "train")  # type: ignore[attr-defined]
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        self._step(batch, "test")
