@@ -508,6 +508,11 @@ def report(args: argparse.Namespace, res: dict[str, dict[str, Any]], wall_s: flo
     g_lora = lisa["peak_growth_bytes"] / lora["peak_growth_bytes"]
     g_ddp = res["lisa_ddp"]["peak_growth_bytes"] / lisa["peak_growth_bytes"] if "lisa_ddp" in res else None
     g_step = lisa["step_s"] / full["step_s"]
+    record("lisa_memory", "LISA peak growth / full FT", g_full, "<= 0.5", g_full <= 0.5)
+    record("lisa_memory", "LISA peak growth / LoRA", g_lora, "<= 1.15", g_lora <= 1.15)
+    if g_ddp is not None:
+        record("lisa_memory", "LISA DDP per-rank peak / 1 process", g_ddp, "<= 1.2", g_ddp <= 1.2)
+    record("lisa_memory", "LISA step / full FT step", g_step, "<= 1.0", g_step <= 1.0)
     scale = {
         run: res[f"{run}_ddp"]["samples_per_s"] / res[run]["samples_per_s"]
         for run in ("lisa", "full")
