@@ -94,7 +94,7 @@ def write_delta(path: str | os.PathLike, tensors: dict[str, torch.Tensor], confi
 
 def _check_dense(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The model's tensors a dense delta writes to, after checking every name, shape and dtype."""
-    own = dict(model.named_parameters(remove_duplicate=False))
+    own: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     own.update(model.named_buffers(remove_duplicate=False))
     for name, value in tensors.items():
         if name not in own:

@@ -139,7 +139,7 @@ class LISA(MethodCallback):
         else:
             found = resolve_always_on(root, (*preset.always_on, *preset.head)) if preset is not None else []
         self.block_names, self.always_on_names = list(blocks.names), found
-        block_ids = set()
+        block_ids: set[int] = set()
         for module in blocks.modules:
             params = [p for p in module.parameters()]
             self._blocks.append(params)

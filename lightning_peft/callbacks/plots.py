@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 from lightning_peft.fileio import staged_file
@@ -11,7 +12,7 @@ from lightning_peft.fileio import staged_file
 __all__ = ["plot_density", "plot_layer_counts", "plot_ranks", "rank_grid"]
 
 
-def rank_grid(ranks: dict[str, float]) -> tuple[list[str], list[int], list[list[float]]]:
+def rank_grid(ranks: Mapping[str, float]) -> tuple[list[str], list[int], list[list[float]]]:
     """Arrange ``layer name -> rank`` as rows (module kind, e.g. ``self_attn.q_proj``) x columns (block index).
 
     A name's block index is its first purely numeric component; names without one share column 0.

@@ -114,6 +114,7 @@ class SaRASelector:
         """How many entries of ``weight`` :meth:`select` picks."""
         if self.fraction is not None:
             return int(round(self.fraction * weight.numel()))
+        assert self.threshold is not None  # one of the two is set (checked in __init__)
         return int((weight.detach().abs() < self.threshold).sum())
 
     @torch.no_grad()
