@@ -59,7 +59,7 @@ Goals, printed PASS/MISS against figures of the same run: ID³'s AdamW state ove
 of the target weights equals the budget fraction; ID³ peak <= 0.7 x full FT peak; ID³ step <= 1.3 x
 full FT step; SaRA peak <= 0.7 x full FT peak; SaRA step <= 1.3 x full FT step.
 
-    python benchmarks/sparse_memory.py                                  # ~5 min on 2 CPU cores
+    python benchmarks/sparse_memory.py                                  # ~6-7 min on 2 idle CPU cores
     python benchmarks/sparse_memory.py --tiny --steps 2 --warmup 1      # smoke check, about a minute
     python benchmarks/sparse_memory.py --parts llama --configs full,id3
     python benchmarks/sparse_memory.py --device cuda --markdown sparse_memory.md
