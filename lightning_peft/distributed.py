@@ -139,6 +139,7 @@ def _coalesced(tensors: list[torch.Tensor], collective: Callable[[torch.Tensor],
         for t in bucket:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
+        del flat  # free this bucket before the next one is packed: one bucket alive at a time
 
 
 def all_reduce_coalesced(
