@@ -26,12 +26,48 @@ def record(benchmark: str, metric: str, value: float, goal: str = "", met: bool 
         f.write(json.dumps(row) + "\n")
 
 
+def _status_kib(key: str) -> int | None:
+    """A ``VmRSS``/``VmHWM``-style field of ``/proc/self/status`` in KiB, or None without procfs."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now, in bytes."""
+    kib = _status_kib("VmRSS")
+    if kib is None:  # no procfs: fall back to the high-water mark itself
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far, in bytes (Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    """This process's RSS high-water mark (since :func:`reset_peak_rss`), in bytes.
+
+    Read from ``VmHWM``: ``ru_maxrss`` ignores the reset and, after fork+exec, carries the parent's peak.
+    """
+    kib = _status_kib("VmHWM")
+    if kib is None:
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib * 1024
 
 
-def _machine_busy_s() -> float | None:
+def machine_busy_s() -> float | None:
     """CPU-seconds all processes on this machine have spent busy since boot (``/proc/stat``), or None."""
     try:
         with open("/proc/stat") as f:
@@ -43,8 +79,14 @@ def _machine_busy_s() -> float | None:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
-def _own_cpu_s(who: tuple[int, ...]) -> float:
+def own_cpu_s(who: tuple[int, ...] = (resource.RUSAGE_SELF,)) -> float:
+    """CPU-seconds used by ``who`` (this process, and/or its children)."""
     return sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime for w in who)
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class OthersLoad:
@@ -58,11 +100,11 @@ class OthersLoad:
         self.who = who
 
     def start(self) -> OthersLoad:
-        self.t0, self.busy0, self.own0 = time.perf_counter(), _machine_busy_s(), _own_cpu_s(self.who)
+        self.t0, self.busy0, self.own0 = time.perf_counter(), machine_busy_s(), own_cpu_s(self.who)
         return self
 
     def stop(self) -> float | None:
-        busy1, own1, wall = _machine_busy_s(), _own_cpu_s(self.who), time.perf_counter() - self.t0
+        busy1, own1, wall = machine_busy_s(), own_cpu_s(self.who), time.perf_counter() - self.t0
         if self.busy0 is None or busy1 is None or wall <= 0:
             return None
         others = (busy1 - self.busy0) - (own1 - self.own0)

@@ -44,7 +44,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -57,7 +56,16 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from common import device_name, record  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from common import (  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+    cores,
+    device_name,
+    machine_busy_s,
+    own_cpu_s,
+    peak_rss_bytes,
+    record,
+    reset_peak_rss,
+    rss_bytes,
+)
 
 RUNS = ("full", "lora", "lisa", "lisa_ddp", "full_ddp")
 SPEC: dict[str, dict[str, Any]] = {  # method, processes, Lightning strategy
@@ -71,61 +79,6 @@ NOISY = 0.10  # share of the CPUs used by other processes above which a run is f
 
 
 # ----------------------------------------------------------------------------------------------- memory probes
-
-
-def _status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def rss_bytes() -> int:
-    kib = _status_kib("VmRSS")
-    if kib is None:
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's RSS high-water mark (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    kib = _status_kib("VmHWM")  # the mm's own high-water mark (reset above); ru_maxrss also counts the parent's
-    if kib is None:
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib * 1024
-
-
-def _machine_busy_s() -> float | None:
-    """CPU-seconds all processes on this machine spent busy since boot (``/proc/stat``), or None."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # ----------------------------------------------------------------------------------------------- worker
@@ -221,7 +174,7 @@ def run_worker(args: argparse.Namespace) -> None:
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
             if self.step == measured_from:
-                self.probe = (time.perf_counter(), _machine_busy_s(), _own_cpu_s())
+                self.probe = (time.perf_counter(), machine_busy_s(), own_cpu_s())
             sync()
             self.t0 = time.perf_counter()
 
@@ -240,11 +193,11 @@ def run_worker(args: argparse.Namespace) -> None:
             self.losses.append(float(loss.detach()))
             if self.step == max_steps and self.probe is not None:
                 t0, busy0, own0 = self.probe
-                busy1 = _machine_busy_s()
+                busy1 = machine_busy_s()
                 self.window = {
                     "wall_s": time.perf_counter() - t0,
                     "busy_s": (busy1 - busy0) if busy0 is not None and busy1 is not None else -1.0,
-                    "own_s": _own_cpu_s() - own0,
+                    "own_s": own_cpu_s() - own0,
                 }
 
     # the data: random token ids, exactly what the steps consume (each rank gets its own share)

@@ -44,7 +44,14 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from common import OthersLoad, device_name, peak_rss_bytes, record  # noqa: E402  (benchmarks/ is on sys.path)
+from common import (  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+    OthersLoad,
+    device_name,
+    peak_rss_bytes,
+    record,
+    reset_peak_rss,
+    rss_bytes,
+)
 from torch import nn  # noqa: E402
 
 BACKBONES = ("llama", "vit")
@@ -166,34 +173,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _rss_bytes() -> int:
-    kib = _status_kib("VmRSS")
-    if kib is None:  # no procfs: fall back to the high-water mark itself
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib * 1024
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's RSS high-water mark (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     total = 0
     for state in opt.state.values():
@@ -236,8 +215,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         mem_before = torch.cuda.memory_allocated(device)
         peak_is_reset = True
     else:
-        mem_before = _rss_bytes()
-        peak_is_reset = _reset_peak_rss()
+        mem_before = rss_bytes()
+        peak_is_reset = reset_peak_rss()
         if not peak_is_reset:  # the high-water mark so far is the best baseline there is
             mem_before = max(mem_before, peak_rss_bytes())
 

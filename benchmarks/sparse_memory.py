@@ -84,7 +84,15 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from common import record  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from common import (  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+    OthersLoad,
+    cores,
+    device_name,
+    peak_rss_bytes,
+    record,
+    reset_peak_rss,
+    rss_bytes,
+)
 from torch import nn  # noqa: E402
 
 PARTS = ("llama", "unet")
@@ -114,79 +122,6 @@ STATE_TOLERANCE = 0.01  # |(state ratio) / (budget fraction) - 1|
 
 
 # ----------------------------------------------------------------------------------------------- probes
-
-
-def _status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def rss_bytes() -> int:
-    kib = _status_kib("VmRSS")
-    if kib is None:
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's RSS high-water mark (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    # the mm's own high-water mark (reset above); ru_maxrss would also carry the parent's across fork+exec
-    kib = _status_kib("VmHWM")
-    if kib is None:
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kib * 1024
-
-
-def _machine_busy_s() -> float | None:
-    """CPU-seconds all processes on this machine have spent busy since boot (``/proc/stat``), or None."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s(who: tuple[int, ...]) -> float:
-    return sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime for w in who)
-
-
-class OthersLoad:
-    """Share of the machine's CPU capacity that *other* processes used between ``start()`` and ``stop()``."""
-
-    def __init__(self, who: tuple[int, ...] = (resource.RUSAGE_SELF,)) -> None:
-        self.who = who
-
-    def start(self) -> OthersLoad:
-        self.t0, self.busy0, self.own0 = time.perf_counter(), _machine_busy_s(), _own_cpu_s(self.who)
-        return self
-
-    def stop(self) -> float | None:
-        busy1, own1, wall = _machine_busy_s(), _own_cpu_s(self.who), time.perf_counter() - self.t0
-        if self.busy0 is None or busy1 is None or wall <= 0:
-            return None
-        others = (busy1 - self.busy0) - (own1 - self.own0)
-        return max(0.0, others) / (wall * (os.cpu_count() or 1))
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -745,19 +680,6 @@ def measure(args: argparse.Namespace, part: str, config: str) -> dict[str, Any]:
         best.update({k: mem[k] for k in MEMORY_KEYS})
         best["memory_pass"] = True
     return best
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _ratio(a: float | None, b: float | None) -> str:
