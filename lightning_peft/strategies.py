@@ -1,11 +1,12 @@
 """``SelectiveDDPStrategy``: data-parallel training whose trainable set may change while it trains.
 
 PyTorch's ``DistributedDataParallel`` decides *when it wraps the model* which parameters it
-synchronises: those with ``requires_grad=True`` at that moment. A method that unfreezes a block later
-(LISA) trains that block on each rank's own data and never synchronises it; the ranks drift apart
-without any error. The usual escape, ``find_unused_parameters=True``, registers every candidate
-parameter, keeps a gradient bucket for all of them (model-sized memory on every rank) and
-all-reduces zeros for the frozen ones every step.
+synchronises: those with ``requires_grad=True`` at that moment, and it expects a gradient for every
+one of them at every step. LISA leaves every block trainable until the optimizer and the wrapper
+exist, then freezes all but the sampled ones, so under plain DDP the step after the first raises
+"parameters that were not used in producing the loss". The usual escape,
+``find_unused_parameters=True``, trains correctly but keeps a gradient bucket for every block
+(model-sized memory on every rank) and all-reduces the frozen blocks' buckets every step.
 
 This strategy keeps Lightning's DDP machinery (process launch, process group, distributed samplers,
 ``reduce``/``broadcast``/``barrier``) but does not wrap the model. Instead, inside every optimizer
@@ -155,26 +156,55 @@ def _unsynced_buffers(model: nn.Module) -> list[torch.Tensor]:
     return [b for m in model.modules() if not getattr(m, "buffers_in_sync", False) for b in m.buffers(recurse=False)]
 
 
-def check_dynamic_strategy(strategy: object, who: str) -> None:
-    """Refuse, before training, strategies under which a method that changes what trains would be wrong.
+def check_dynamic_strategy(strategy: object, who: str, trainable_changes: bool = False) -> None:
+    """Refuse, before training, the strategies a method that changes what trains is not run under.
 
-    One device and :class:`SelectiveDDPStrategy` are fine. Plain DDP registers the trainable parameters
-    when it wraps the model (a block unfrozen later is never synchronised; buffers that grow are
-    broadcast every forward); sharded strategies partition the tensors the methods index or freeze.
+    One device and :class:`SelectiveDDPStrategy` are fine. What plain DDP does depends on the method
+    (measured with 2 CPU processes, the refusal bypassed):
+
+    * ``trainable_changes=True`` (LISA: blocks are frozen and unfrozen after DDP wrapped the model): DDP
+      registered every block at wrap time; once some are frozen it raises "parameters that were not used
+      in producing the loss" at the step after the first. With ``find_unused_parameters=True`` it trains
+      correctly, but keeps a gradient bucket for every block on every rank and all-reduces the frozen
+      blocks' buckets too.
+    * ``trainable_changes=False`` (ID3, SaRA: one fixed-size bank of trained values, registered when DDP
+      wraps the model): plain DDP trains correctly (the same weights as ``ddp_selective``), but broadcasts
+      every buffer from rank 0 before each forward, the sparse layers' index bookkeeping included, which is
+      identical on every rank by construction and which ``ddp_selective`` does not send. The refusal keeps
+      these methods on the strategy their multi-process tests cover.
+
+    Sharded strategies partition the tensors the methods index, freeze or release.
+
+    Args:
+        strategy: the trainer's strategy.
+        who: the method's name, for the message.
+        trainable_changes: whether the method changes which parameters require grad during training.
 
     Raises:
-        NotImplementedError: naming the strategy to use instead.
+        NotImplementedError: naming what happens and the strategy to use instead.
     """
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
     if isinstance(strategy, SelectiveDDPStrategy | SingleDeviceStrategy):
         return
+    use = "Use strategy='ddp_selective' (lightning_peft.strategies.SelectiveDDPStrategy): it all-reduces exactly "
+    if isinstance(strategy, DDPStrategy) and trainable_changes:
+        raise NotImplementedError(
+            f"{who} under strategy='ddp' fails: DDP registers the parameters that require grad when it wraps the "
+            f"model (every block, so the optimizer holds them all), and once {who} freezes some of them DDP raises "
+            "'parameters that were not used in producing the loss' after the first step. With "
+            "find_unused_parameters=True it trains correctly but keeps a gradient bucket for every block on every "
+            "rank and all-reduces the frozen ones too. "
+            + use
+            + "the gradients that are trainable at each step and nothing for frozen blocks."
+        )
     if isinstance(strategy, DDPStrategy):
         raise NotImplementedError(
-            f"{who} under strategy='ddp' would go wrong silently: DDP registers only the parameters that require "
-            "grad when it wraps the model, so what starts training later is never synchronised (and "
-            "find_unused_parameters keeps gradient buckets for everything). Use strategy='ddp_selective' "
-            "(lightning_peft.strategies.SelectiveDDPStrategy): it all-reduces exactly the trainable gradients."
+            f"{who} under strategy='ddp' is not supported: {who}'s multi-process tests run strategy='ddp_selective'. "
+            "(Plain DDP would train the same values but broadcast every sparse layer's index buffers from rank 0 "
+            "before each forward, although they are identical on every rank.) "
+            + use
+            + "the trained values' gradients and does not broadcast those buffers."
         )
     raise NotImplementedError(
         f"{who} does not support {type(strategy).__name__} yet (sharded strategies such as FSDP2's "

@@ -125,17 +125,20 @@ def test_resume_replays_the_same_draws_and_weights(tmp_path) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs after resume")
 
 
-def test_resume_with_another_configuration_is_refused(tmp_path) -> None:
-    module = FamilyModule("llama", n_batches=4)
+def two_step_checkpoint(tmp_path, module, interval: int) -> str:
     trainer = quiet_trainer(
         max_steps=2,
         limit_val_batches=0,
-        callbacks=[LISA(n_layers=1, interval=2)],
+        callbacks=[LISA(n_layers=1, interval=interval)],
         enable_checkpointing=True,
         default_root_dir=tmp_path,
     )
     trainer.fit(module)
-    ckpt = next(tmp_path.rglob("*.ckpt"))
+    return str(next(tmp_path.rglob("*.ckpt")))
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path) -> None:
+    ckpt = two_step_checkpoint(tmp_path, FamilyModule("llama", n_batches=4), interval=2)
     other = quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[LISA(n_layers=1, interval=5)])
     with pytest.raises(ValueError, match="interval"):
         other.fit(FamilyModule("llama", n_batches=4), ckpt_path=str(ckpt))
@@ -191,21 +194,137 @@ def test_bad_input_is_refused_before_training(kwargs, message) -> None:
     assert all(torch.equal(p, before[n]) for n, p in module.named_parameters())
 
 
-def test_an_optimizer_without_the_blocks_is_refused() -> None:
-    class HeadOnly(FamilyModule):
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.model.lm_head.parameters(), lr=1e-2)
+class HeadOnly(FamilyModule):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.lm_head.parameters(), lr=1e-2)
 
+
+def flags(module) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in module.named_parameters()}
+
+
+def test_an_optimizer_without_the_blocks_is_refused_and_the_module_is_given_back() -> None:
+    module = HeadOnly("llama", n_batches=2)
+    module.model.model.embed_tokens.requires_grad_(False)  # the user's own flags, not all True
+    before = flags(module)
+    lisa = LISA(n_layers=1)
     with pytest.raises(ValueError, match="optimizer lacks"):
-        fit(HeadOnly("llama", n_batches=2), [LISA(n_layers=1)])
+        fit(module, [lisa])
+    assert flags(module) == before, "the refusal left LISA's requires_grad flags on the module"
+    assert lisa.sampler is None and lisa.block_names == [] and lisa._base is None
+    # the same callback on the same module with a usable optimizer then sets up from scratch and trains
+    module.__class__ = FamilyModule
+    watch = Watch()
+    fit(module, [lisa, watch])
+    assert lisa.sampler is not None and sum(lisa.counts) == 2
+    assert all(record["trainable"] >= {n for n in before if n.startswith(ALWAYS)} for record in watch.steps)
 
 
-def test_plain_ddp_and_sharded_strategies_are_refused() -> None:
+def test_a_refused_resume_gives_the_module_back(tmp_path) -> None:
+    ckpt = two_step_checkpoint(tmp_path, FamilyModule("llama", n_batches=4), interval=2)
+    fresh = FamilyModule("llama", n_batches=4)
+    before = flags(fresh)
+    lisa = LISA(n_layers=1, interval=5)
+    other = quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[lisa])
+    with pytest.raises(ValueError, match="interval"):
+        other.fit(fresh, ckpt_path=ckpt)
+    assert flags(fresh) == before and lisa.sampler is None
+
+
+def test_a_second_fit_with_the_same_callback_continues_and_another_configuration_starts_afresh() -> None:
+    module = FamilyModule("llama", n_batches=4)
+    lisa = LISA(n_layers=1, interval=2, seed=0)
+    fit(module, [lisa])
+    base, first_history = lisa._base, list(lisa.history)
+    fit(module, [lisa])  # identical: the same setup goes on (base fingerprint kept, counts add up)
+    assert lisa._base is base and sum(lisa.counts) == 8 and lisa.history[: len(first_history)] == first_history
+    lisa.n_layers, lisa.always_on = 2, ["model.norm"]  # another configuration on the same instance
+    watch = Watch()
+    fit(module, [lisa, watch])
+    assert lisa.sampler is not None and lisa.sampler.n_layers == 2
+    assert lisa.counts == [4, 4] and lisa._base is not base and lisa.always_on_names == ["model.norm"]
+    names = list(flags(module))
+    for record in watch.steps:  # the narrowed always-on set, not the first fit's: embeddings and head stay frozen
+        expected = {n for n in names if block_of(n) is not None or n.startswith("model.model.norm.")}
+        assert record["trainable"] == expected
+    other = FamilyModule("llama", seed=1, n_batches=2)  # the same instance on another module: set up for it
+    fit(other, [lisa])
+    assert lisa._root() is other.model and sum(lisa.counts) == 4
+
+
+def test_the_base_fingerprint_of_a_resumed_run_is_the_fresh_model_not_the_checkpoint(tmp_path) -> None:
+    """Audit of state read before Lightning restores it: ``setup`` fingerprints the weights before the checkpoint's."""
+    from lightning_peft.zoo.entry import fingerprint
+
+    module = FamilyModule("llama", n_batches=4)
+    ckpt = two_step_checkpoint(tmp_path, module, interval=3)
+    fresh = FamilyModule("llama", n_batches=4)
+    expected = fingerprint(fresh.model)
+    lisa = LISA(n_layers=1, interval=3)
+    quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[lisa]).fit(fresh, ckpt_path=ckpt)
+    assert lisa._base == expected and expected != fingerprint(module.model)
+    assert lisa.history == [(0, LayerSampler(2, 1, 3).active(0)), (3, LayerSampler(2, 1, 3).active(3))]
+
+
+def test_plain_ddp_and_sharded_strategies_are_refused_with_what_really_happens() -> None:
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
-    for strategy, message in ((DDPStrategy(), "ddp_selective"), (ModelParallelStrategy(), "does not support")):
-        with pytest.raises(NotImplementedError, match=message):
-            check_dynamic_strategy(strategy, "LISA")
+    with pytest.raises(NotImplementedError) as lisa_refusal:
+        check_dynamic_strategy(DDPStrategy(), "LISA", trainable_changes=True)
+    message = str(lisa_refusal.value)
+    assert "parameters that were not used in producing the loss" in message
+    assert "find_unused_parameters=True it trains correctly" in message and "gradient bucket for every block" in message
+    assert "ddp_selective" in message and "silently" not in message and "never synchronised" not in message
+    with pytest.raises(NotImplementedError) as sparse_refusal:  # ID3 and SaRA: one fixed bank, no drift
+        check_dynamic_strategy(DDPStrategy(), "SaRA")
+    message = str(sparse_refusal.value)
+    assert "SaRA under strategy='ddp'" in message and "ddp_selective" in message
+    assert "would train the same values" in message
+    assert "silently" not in message and "never synchronised" not in message
+    with pytest.raises(NotImplementedError, match="does not support"):
+        check_dynamic_strategy(ModelParallelStrategy(), "LISA", trainable_changes=True)
+
+
+def test_a_model_no_preset_knows_trains_every_parameter_outside_the_blocks(tmp_path) -> None:
+    from transformers import BertConfig
+
+    from lightning_peft.tasks import SentenceClassifier
+
+    BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=16,
+    ).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randint(0, 40, (4, 6), generator=gen), torch.ones(4, 6, dtype=torch.long), torch.tensor([0, 1, 0, 1]))
+        for _ in range(4)
+    ]
+
+    def run(**kwargs):
+        module = SentenceClassifier(model_name=str(tmp_path), pretrained=False, lr=1e-2)
+        before = {n: p.detach().clone() for n, p in module.named_parameters()}
+        lisa = LISA(n_layers=1, interval=2, block_path="encoder.encoder.layer", backbone="model", **kwargs)
+        trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[lisa])
+        trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+        changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+        return lisa, changed
+
+    lisa, changed = run()
+    assert lisa.always_on_names == ["encoder.embeddings", "classifier"]
+    assert {"model.classifier.weight", "model.classifier.bias"} <= changed, "the classifier head never trained"
+    assert "model.encoder.embeddings.word_embeddings.weight" in changed
+    trained_blocks = {i for i, c in enumerate(lisa.counts) if c > 0}
+    assert {n for n in changed if ".layer." in n} == {
+        n for n in changed if any(f"encoder.encoder.layer.{i}." in n for i in trained_blocks)
+    }
+    narrow, changed = run(always_on=["classifier"])  # always_on narrows the default
+    assert narrow.always_on_names == ["classifier"]
+    assert "model.classifier.weight" in changed and not any("embeddings" in n for n in changed)
 
 
 class PairModule(FamilyModule):
@@ -249,3 +368,13 @@ def test_plain_ddp_is_refused_with_the_fix(tmp_path) -> None:
 def test_selective_ddp_strategy_is_registered() -> None:
     trainer = quiet_trainer(strategy="ddp_selective", devices=1, max_steps=1)
     assert isinstance(trainer.strategy, SelectiveDDPStrategy)
+
+
+@pytest.mark.slow
+def test_what_the_refusal_says_is_what_plain_ddp_does(tmp_path) -> None:
+    _, logs = run_two_ranks("ddp_lisa.py", tmp_path / "plain", "ddp_unchecked")
+    assert "parameters that were not used in producing the loss" in (tmp_path / "plain" / "error0.txt").read_text()
+    ranks, logs = run_two_ranks("ddp_lisa.py", tmp_path / "unused", "ddp_find_unused")
+    assert logs[0]["step"] == logs[1]["step"] == 8  # with find_unused_parameters=True it trains, ranks equal
+    for key in ranks[0]:
+        torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0, msg=f"{key} differs across ranks")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,9 @@ class LISA(MethodCallback):
 
     The embeddings, final norm and head (the *always-on* modules) train all the time; of the model's
     repeated blocks only ``n_layers``, drawn every ``interval`` optimizer steps, train at a time. The
-    rest of the backbone stays frozen.
+    rest of the backbone stays frozen. On a model no backbone preset knows, every backbone parameter
+    outside the blocks is always on (a task head included), as in LMFlow and axolotl; ``always_on``
+    narrows that to the names given.
 
     Hooks: ``setup`` finds the blocks (the backbone preset's block list, or ``block_path``), freezes
     the backbone except the blocks and the always-on modules, and fingerprints the base weights (the
@@ -48,11 +51,19 @@ class LISA(MethodCallback):
     same blocks without communication, a resumed run draws what the uninterrupted run drew, and the
     global RNG is never touched.
 
-    Multi-process: under ``strategy="ddp"`` a block unfrozen after DDP wrapped the model would never
-    be synchronised, so LISA refuses it and asks for :class:`~lightning_peft.strategies.SelectiveDDPStrategy`
-    (``strategy="ddp_selective"``), which all-reduces the gradients of exactly the trainable
-    parameters at every optimizer step. FSDP2 (``ModelParallelStrategy``), DeepSpeed and FSDP1 are
-    refused before training.
+    Multi-process: plain ``strategy="ddp"`` registers every block when it wraps the model and raises
+    "parameters that were not used in producing the loss" at the step after LISA first freezes some
+    (with ``find_unused_parameters=True`` it trains correctly but keeps a gradient bucket for every
+    block), so LISA refuses it before training and asks for
+    :class:`~lightning_peft.strategies.SelectiveDDPStrategy` (``strategy="ddp_selective"``), which
+    all-reduces the gradients of exactly the trainable parameters at every optimizer step. FSDP2
+    (``ModelParallelStrategy``), DeepSpeed and FSDP1 are refused before training.
+
+    A failed fit (any refusal, e.g. an optimizer without the blocks, a checkpoint of another
+    configuration) gives the backbone back the ``requires_grad`` flags it had before the fit, through
+    ``on_exception``. A second fit with the same callback continues only on the same backbone, blocks
+    and configuration (same base fingerprint, step counts add up); otherwise the callback sets up
+    afresh for what it finds.
 
     Saving: the result is the new values of every tensor that trained (the always-on modules and
     the blocks drawn at least once), written as a dense weight delta with the base fingerprint taken
@@ -62,11 +73,15 @@ class LISA(MethodCallback):
         n_layers: blocks trained at a time, ``1 <= n_layers <=`` number of blocks.
         interval: optimizer steps between draws, ``>= 1``.
         seed: seed of the draws.
-        probabilities: per-block sampling weights (the paper's importance sampling); default uniform.
+        probabilities: per-block weights ``w_i`` (the paper's importance sampling; only their ratios matter):
+            block ``i`` trains in an interval with probability ``min(1, c·w_i)``, ``c`` such that these sum to
+            ``n_layers`` (a block whose share would exceed 1 trains in every interval); with ``n_layers=1``
+            that is ``w_i / Σ w``. Default: uniform, ``n_layers / blocks`` each.
         block_path: dotted path of the ``nn.ModuleList`` of blocks inside the backbone (several joined
             by ``"+"``); default: the backbone preset's, else the largest list of same-type blocks.
         always_on: modules or parameters (dotted names inside the backbone) that always train; default:
-            the preset's embeddings, final norm and head that exist in the model (none for an unknown model).
+            the preset's embeddings, final norm and head that exist in the model, and for a model no preset
+            knows every backbone parameter outside the blocks (logged as the fewest module names that cover it).
         backbone: dotted path of the backbone inside the ``LightningModule``; default: detected.
         save_dir: folder to write the changed tensors (dense delta) and ``lisa_layers.png`` to at the end of fit.
 
@@ -113,37 +128,60 @@ class LISA(MethodCallback):
         self._interval_index = -1
         self._base: dict[str, Any] | None = None
         self._pending: dict[str, Any] | None = None
+        self._root: weakref.ref[nn.Module] | None = None  # the backbone the blocks belong to
+        self._setup_configuration: dict[str, Any] | None = None
+        self._flags: list[tuple[nn.Parameter, bool]] | None = None  # requires_grad before this fit changed them
+        self._fresh = False  # this fit set the callback up (rather than continuing an earlier fit's setup)
+        self._stepped = False  # an optimizer step happened in this fit
 
     @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(backbone=self.backbone, block_path=self.block_path)
 
+    def _configuration(self) -> dict[str, Any]:
+        return {**self.hyperparameters(), "always_on": self.always_on, "backbone": self.backbone}
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.sampler is not None:
+        if stage != "fit":
             return
-        check_dynamic_strategy(trainer.strategy, "LISA")
+        self._stepped = False
+        check_dynamic_strategy(trainer.strategy, "LISA", trainable_changes=True)
         root, _, preset = resolve_backbone(pl_module, self.backbone)
         blocks = find_blocks(root, self.block_path)
+        if self.sampler is not None:
+            if self._same_setup(root, blocks.modules):
+                self._fresh = False
+                self._freeze(root)
+                rank_zero_info("LISA: continuing on the module this callback set up in an earlier fit")
+                return
+            rank_zero_info(
+                "LISA: this callback set up another module or configuration in an earlier fit; setting up afresh "
+                "(the earlier fit's step counts, history and base fingerprint are dropped)"
+            )
+            self._forget()
         self.sampler = LayerSampler(len(blocks), self.n_layers, self.interval, self.seed, self.probabilities)
+        block_ids = {id(p) for module in blocks.modules for p in module.parameters()}
         if self.always_on is not None:
             found = resolve_always_on(root, self.always_on)
             missing = [n for n in self.always_on if n not in found]
             if missing:
+                self.sampler = None
                 top = ", ".join(n for n, _ in root.named_children()) or "none"
                 raise ValueError(
                     f"LISA always_on names {missing} match no module or parameter of {type(root).__name__} "
                     f"(its top-level modules: {top}); use dotted names relative to the backbone"
                 )
-        else:
-            found = resolve_always_on(root, (*preset.always_on, *preset.head)) if preset is not None else []
+            what = ", ".join(found)
+        elif preset is not None:
+            found = resolve_always_on(root, (*preset.always_on, *preset.head))
+            what = ", ".join(found) or "nothing"
+        else:  # no preset: every parameter outside the blocks trains, as in LMFlow and axolotl
+            found = _outside_blocks(root, block_ids)
+            what = f"every parameter outside the blocks ({', '.join(found) or 'none'})"
         self.block_names, self.always_on_names = list(blocks.names), found
-        block_ids: set[int] = set()
-        for module in blocks.modules:
-            params = [p for p in module.parameters()]
-            self._blocks.append(params)
-            block_ids.update(id(p) for p in params)
+        self._blocks = [list(module.parameters()) for module in blocks.modules]
         modules = dict(root.named_modules())
         params_by_name = dict(root.named_parameters())
         self._always = []
@@ -152,17 +190,53 @@ class LISA(MethodCallback):
             self._always += [p for p in chosen if id(p) not in block_ids]
         self._names = {id(p): n for n, p in root.named_parameters()}
         self._base = fingerprint(root)  # before any block changes: the base the delta applies to
+        self._root = weakref.ref(root)
+        self._setup_configuration = self._configuration()
+        self._fresh = True
+        self.counts = [0] * len(blocks)
+        self._freeze(root)
+        rank_zero_info(
+            f"LISA: {self.n_layers} of {len(blocks)} blocks of {blocks.path} every {self.interval} steps; "
+            f"always on: {what}"
+        )
+
+    def _same_setup(self, root: nn.Module, modules: Sequence[nn.Module]) -> bool:
+        """Whether this fit finds the module, blocks and configuration the earlier setup was made for."""
+        same_blocks = [[id(p) for p in m.parameters()] for m in modules] == [[id(p) for p in ps] for ps in self._blocks]
+        return (
+            self._root is not None
+            and self._root() is root
+            and same_blocks
+            and self._setup_configuration == self._configuration()
+        )
+
+    def _freeze(self, root: nn.Module) -> None:
+        """Freeze the backbone but the always-on parameters and the blocks, remembering the flags to restore."""
+        self._flags = [(p, p.requires_grad) for p in root.parameters()]
         root.requires_grad_(False)
         for p in self._always:
             p.requires_grad_(True)
         for params in self._blocks:  # trainable when the optimizer is built, frozen in on_train_start
             for p in params:
                 p.requires_grad_(True)
-        self.counts = [0] * len(blocks)
-        rank_zero_info(
-            f"LISA: {self.n_layers} of {len(blocks)} blocks of {blocks.path} every {self.interval} steps; "
-            f"always on: {', '.join(found) or 'nothing'}"
-        )
+
+    def _forget(self) -> None:
+        """Back to the state of a callback that never set anything up."""
+        self.sampler = None
+        self.block_names, self.always_on_names, self.counts, self.history, self.active = [], [], [], [], []
+        self._blocks, self._always, self._names = [], [], {}
+        self._interval_index, self._base, self._root, self._setup_configuration = -1, None, None, None
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A fit that fails (a refusal included) gives the module back its own ``requires_grad`` flags."""
+        if self._flags is None:
+            return
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
+        self._flags = None
+        if self._fresh and not self._stepped:  # set up in this fit and never trained: as if it never ran
+            self._forget()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -217,8 +291,14 @@ class LISA(MethodCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        self._stepped = True
         for i in self.active:
             self.counts[i] += 1
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
+        self._flags = None  # the fit succeeded: the module keeps the last active set's flags
 
     @override
     def hyperparameters(self) -> dict[str, Any]:
@@ -289,3 +369,22 @@ class LISA(MethodCallback):
             )
         self.counts = counts or self.counts
         self.history = [(int(s), [int(i) for i in a]) for s, a in state.get("history") or []]
+
+
+def _outside_blocks(root: nn.Module, block_ids: set[int]) -> list[str]:
+    """The fewest dotted names (modules whole, else single parameters) that cover every parameter outside the blocks."""
+    names: list[str] = []
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        names.extend(prefix + n for n, p in module.named_parameters(recurse=False) if id(p) not in block_ids)
+        for child_name, child in module.named_children():
+            ids = {id(p) for p in child.parameters()}
+            if not ids:
+                continue
+            if ids.isdisjoint(block_ids):
+                names.append(prefix + child_name)
+            else:
+                walk(f"{prefix}{child_name}.", child)
+
+    walk("", root)
+    return names

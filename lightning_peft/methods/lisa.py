@@ -1,18 +1,34 @@
 """LISA's layer sampler (Pan et al., NeurIPS 2024), pure torch: which blocks train in each interval.
 
-Every ``interval`` optimizer steps LISA trains ``n_layers`` of the model's repeated blocks, drawn
-without replacement, uniformly or with per-block probabilities (the paper's importance sampling),
-and freezes the others. The draw for interval ``k`` comes from a generator seeded by
-``(seed, k)`` (:func:`lightning_peft.distributed.seeded_generator`), so
+Every ``interval`` optimizer steps LISA trains ``n_layers`` of the model's repeated blocks and freezes
+the others. The blocks are drawn
+
+* uniformly without replacement (the default, and the paper's and LMFlow's rule), or
+* with per-block weights ``w_i`` (the paper's importance sampling) so that block ``i`` trains in an
+  interval with probability ``π_i = min(1, c·w_i)``, ``c`` chosen so that ``Σ π_i = n_layers``: the
+  inclusion probability is proportional to the weight, and a block whose share would exceed 1 is
+  drawn in every interval while the others share the remaining draws in proportion to their
+  weights (iterative capping). Only the ratios of the weights matter; a weight of 0 never trains.
+  The draw is randomly ordered systematic sampling: the capped blocks, then one random offset
+  ``u`` in ``[0, 1)`` and the uncapped blocks in a random order, each taking the points
+  ``u, u + 1, ...`` that fall in its slice of length ``π_i``. That yields exactly ``n_layers``
+  distinct blocks with exactly the inclusion probabilities ``π_i``.
+
+The draw for interval ``k`` comes from a generator seeded by ``(seed, k)``
+(:func:`lightning_peft.distributed.seeded_generator`), so
 
 * every rank draws the same blocks without communicating,
 * a run resumed at any step draws what the uninterrupted run drew (the sampler's state is its
   configuration; there is no RNG state to save), and
 * the global RNG is never touched.
 
-The reference (LMFlow's ``DynamicLayerActivationCallback``) draws from Python's global ``random``
-after seeding it; that couples the choice to whatever else consumed the global stream and cannot be
-replayed on resume.
+The reference (LMFlow's ``DynamicLayerActivationCallback``) draws uniformly from Python's global
+``random`` after seeding it; that couples the choice to whatever else consumed the global stream and
+cannot be replayed on resume. It has no weights. Drawing ``n_layers`` blocks one after another in
+proportion to the weights of those not yet drawn (``torch.multinomial`` without replacement, what
+this sampler did before) does not give inclusion probabilities proportional to the weights: weights
+``[4, 2, 1, 1]`` with ``n_layers=2`` give about ``[0.81, 0.57, 0.31, 0.31]`` that way and exactly
+``[1, 0.5, 0.25, 0.25]`` here.
 
 The ``LISA`` callback (:mod:`lightning_peft.callbacks.lisa`) drives it: freezing, optimizer-state
 release and multi-process training.
@@ -28,7 +44,41 @@ import torch
 from lightning_peft.distributed import seeded_generator
 from lightning_peft.methods._config import refuse_changed
 
-__all__ = ["LayerSampler"]
+__all__ = ["LayerSampler", "inclusion_probabilities"]
+
+#: the rule behind weighted draws; a checkpoint of weighted draws without it came from the sequential sampler
+WEIGHTED_SAMPLING = "proportional-systematic"
+
+
+def inclusion_probabilities(weights: Sequence[float] | torch.Tensor, n: int) -> torch.Tensor:
+    """Inclusion probabilities proportional to ``w``, capped at 1: ``π_i = min(1, c·w_i)`` with ``Σ π_i = n``.
+
+    Capping is iterative: the blocks with ``c·w_i >= 1`` get 1 and leave, ``c`` is recomputed for the
+    rest from the draws left, until no new block reaches 1.
+
+    Args:
+        weights: non-negative, finite, at least ``n`` positive.
+        n: how many blocks a draw takes, ``>= 1``.
+
+    Returns:
+        float64 probabilities, one per weight, each in ``[0, 1]``, summing to ``n``.
+
+    Example:
+        >>> inclusion_probabilities([4, 2, 1, 1], 2).tolist()
+        [1.0, 0.5, 0.25, 0.25]
+        >>> inclusion_probabilities([1, 2, 3, 4], 2).tolist()
+        [0.2, 0.4, 0.6, 0.8]
+    """
+    w = torch.as_tensor(weights, dtype=torch.float64).clone()
+    capped = torch.zeros_like(w, dtype=torch.bool)
+    while True:
+        left, rest = n - int(capped.sum()), float(w[~capped].sum())
+        c = left / rest if left > 0 else 0.0
+        newly = ~capped & (c * w >= 1)
+        if not bool(newly.any()):
+            break
+        capped |= newly
+    return torch.where(capped, torch.ones_like(w), c * w)
 
 
 class LayerSampler:
@@ -39,8 +89,11 @@ class LayerSampler:
         n_layers: blocks trained at a time, ``1 <= n_layers <= n_blocks``.
         interval: optimizer steps between switches, ``>= 1``.
         seed: seed of the draws.
-        probabilities: optional per-block sampling weights (non-negative, at least ``n_layers`` positive);
-            normalised internally. None: uniform.
+        probabilities: optional per-block weights ``w_i`` (non-negative, at least ``n_layers`` positive; only
+            their ratios matter). Block ``i`` then trains in an interval with probability
+            ``min(1, c·w_i)``, ``c`` such that these sum to ``n_layers`` (see :func:`inclusion_probabilities`);
+            with ``n_layers=1`` that is ``w_i / Σ w``. None: uniform, every block with probability
+            ``n_layers / n_blocks``.
 
     Raises:
         ValueError: a value out of range, with what is allowed.
@@ -51,6 +104,8 @@ class LayerSampler:
         True
         >>> len(sampler.active(5))
         2
+        >>> LayerSampler(4, 2, 1, probabilities=[4, 2, 1, 1]).inclusion.tolist()
+        [1.0, 0.5, 0.25, 0.25]
     """
 
     def __init__(
@@ -79,6 +134,11 @@ class LayerSampler:
             weights = weights / weights.sum()
         self.n_blocks, self.n_layers, self.interval, self.seed = n_blocks, n_layers, interval, seed
         self.probabilities = weights
+        self.inclusion = (
+            torch.full((n_blocks,), n_layers / n_blocks, dtype=torch.float64)
+            if weights is None
+            else inclusion_probabilities(weights, n_layers)
+        )
 
     def interval_index(self, step: int) -> int:
         """The interval an optimizer step (0-based) belongs to."""
@@ -92,10 +152,25 @@ class LayerSampler:
         """Sorted indices of the blocks that train at optimizer step ``step`` (0-based)."""
         gen = seeded_generator(self.seed, self.interval_index(step))
         if self.probabilities is None:
-            chosen = torch.randperm(self.n_blocks, generator=gen)[: self.n_layers]
+            chosen = torch.randperm(self.n_blocks, generator=gen)[: self.n_layers].tolist()
         else:
-            chosen = torch.multinomial(self.probabilities, self.n_layers, replacement=False, generator=gen)
+            chosen = self._systematic(gen)
         return sorted(int(i) for i in chosen)
+
+    def _systematic(self, gen: torch.Generator) -> list[int]:
+        """Randomly ordered systematic sampling with inclusion probabilities ``self.inclusion``."""
+        pi = self.inclusion
+        always = (pi >= 1).nonzero().squeeze(1).tolist()
+        rest = (pi < 1).nonzero().squeeze(1)
+        left = self.n_layers - len(always)
+        if left == 0:
+            return always
+        order = rest[torch.randperm(rest.numel(), generator=gen)]
+        ends = torch.cumsum(pi[order], 0)
+        ends = ends / ends[-1] * left  # exactly ``left`` at the end, so exactly ``left`` points fall in
+        u = float(torch.rand((), generator=gen, dtype=torch.float64))
+        hits = torch.ceil(ends - u) - torch.ceil(torch.cat([ends.new_zeros(1), ends[:-1]]) - u)
+        return always + order[hits > 0].tolist()
 
     def state_dict(self) -> dict[str, Any]:
         """The configuration: with it, any step's draw can be replayed exactly."""
@@ -105,12 +180,19 @@ class LayerSampler:
             "interval": self.interval,
             "seed": self.seed,
             "probabilities": None if self.probabilities is None else self.probabilities.tolist(),
+            "sampling": "uniform" if self.probabilities is None else WEIGHTED_SAMPLING,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Refuse a state that would draw differently (a resumed run must replay the same schedule).
 
         Raises:
-            ValueError: the saved configuration differs; the message names the fields.
+            ValueError: the saved configuration differs; the message names the fields. Weighted draws saved
+                without ``sampling`` come from the earlier sequential sampler and cannot be replayed either.
         """
+        if state.get("probabilities") is not None and "sampling" not in state:
+            raise ValueError(
+                "the checkpoint's LISA sampler drew weighted blocks one after another (the sampler before "
+                f"inclusion-proportional sampling); its draws cannot be replayed by the {WEIGHTED_SAMPLING!r} rule"
+            )
         refuse_changed(self.state_dict(), state, "LISA sampler")

@@ -1,8 +1,10 @@
 """LISA under 2 CPU processes; each rank writes every parameter of the model for the test to compare.
 
 Run as ``python tests/scripts/ddp_lisa.py OUT_DIR [STRATEGY]`` (STRATEGY ``ddp_selective`` by default;
-with ``ddp`` the script records the error LISA raises). Each rank perturbs its weights differently
-before fit, so equal results prove the strategy synchronised them, and each rank sees other batches.
+with ``ddp`` the script records the error LISA raises; ``ddp_unchecked`` and ``ddp_find_unused``
+bypass the refusal and run plain DDP without and with ``find_unused_parameters``). Each rank perturbs
+its weights differently before fit, so equal results prove the strategy synchronised them, and each
+rank sees other batches.
 """
 
 from __future__ import annotations
@@ -58,12 +60,19 @@ def main() -> None:
         for p in module.parameters():
             p.add_(0.01 * rank)
     lisa = LISA(n_layers=1, interval=2, seed=0, save_dir=str(out / "delta"))
+    if strategy in ("ddp_unchecked", "ddp_find_unused"):  # what plain DDP really does, the refusal bypassed
+        from lightning.pytorch.strategies import DDPStrategy
+
+        import lightning_peft.callbacks.lisa as lisa_module
+
+        lisa_module.check_dynamic_strategy = lambda *args, **kwargs: None
+        strategy = DDPStrategy(find_unused_parameters=strategy == "ddp_find_unused")
     trainer = quiet_trainer(
         strategy=strategy, devices=2, max_epochs=1, limit_val_batches=0, callbacks=[lisa, Record(out)]
     )
     try:
         trainer.fit(module)
-    except NotImplementedError as err:
+    except (NotImplementedError, RuntimeError) as err:
         (out / f"error{rank}.txt").write_text(str(err))
     if dist.is_initialized():
         dist.destroy_process_group()
