@@ -59,11 +59,11 @@ class LISA(MethodCallback):
     all-reduces the gradients of exactly the trainable parameters at every optimizer step. FSDP2
     (``ModelParallelStrategy``), DeepSpeed and FSDP1 are refused before training.
 
-    A failed fit (any refusal, e.g. an optimizer without the blocks, a checkpoint of another
-    configuration) gives the backbone back the ``requires_grad`` flags it had before the fit, through
-    ``on_exception``. A second fit with the same callback continues only on the same backbone, blocks
-    and configuration (same base fingerprint, step counts add up); otherwise the callback sets up
-    afresh for what it finds.
+    A fit that fails before its first optimizer step (any refusal, e.g. an optimizer without the
+    blocks, a checkpoint of another configuration) gives the backbone back the ``requires_grad`` flags
+    it had before the fit, through ``on_exception``. A second fit with the same callback continues only
+    on the same backbone, blocks and configuration (same base fingerprint, step counts add up);
+    otherwise the callback sets up afresh for what it finds.
 
     Saving: the result is the new values of every tensor that trained (the always-on modules and
     the blocks drawn at least once), written as a dense weight delta with the base fingerprint taken
@@ -229,14 +229,16 @@ class LISA(MethodCallback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """A fit that fails (a refusal included) gives the module back its own ``requires_grad`` flags."""
-        if self._flags is None:
+        """A fit that fails before its first optimizer step (a refusal included) leaves the module as it found it."""
+        super().on_exception(trainer, pl_module, exception)
+        flags, self._flags = self._flags, None
+        if flags is None or self._stepped:  # training has started: a later failure keeps what was learned
             return
-        for p, flag in self._flags:
+        for p, flag in flags:
             p.requires_grad_(flag)
-        self._flags = None
-        if self._fresh and not self._stepped:  # set up in this fit and never trained: as if it never ran
+        if self._fresh:  # set up in this fit: as if it never ran
             self._forget()
+        rank_zero_info(f"LISA: the fit stopped before training ({type(exception).__name__}); requires_grad restored")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
