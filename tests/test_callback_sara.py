@@ -145,7 +145,7 @@ class PenaltyCheck(Callback):
         bank = self.sara.bank_of(pl_module)
         eligible = self.sara.eligible(pl_module)
         picks = self.sara.selector.penalty_matrices(trainer.global_step, len(eligible))
-        scale = len(eligible) / len(picks)
+        scale = 1 / len(picks)  # λ / drawn per drawn matrix: the reference's strength (optim/adamw2.py)
         expected = torch.zeros_like(bank.values, dtype=torch.float64)
         estimate = 0.0
         for i in picks:
@@ -166,7 +166,7 @@ class PenaltyCheck(Callback):
         self.expected.append(expected.float())
         self.reported.append(self.sara.penalty)
         self.estimate.append(estimate)
-        self.scales.append(scale)
+        self.scales.append(len(eligible) / len(picks))
 
 
 def test_penalty_gradient_is_lambda_scale_times_the_nuclear_norm_gradient_at_the_trained_entries() -> None:
@@ -184,6 +184,18 @@ def test_penalty_gradient_is_lambda_scale_times_the_nuclear_norm_gradient_at_the
         torch.testing.assert_close(added, expected, rtol=0, atol=1e-5, msg=f"step {step}")  # float32 SVD
         assert bool((added[expected == 0] == 0).all()), "gradient outside the drawn matrices' trained entries"
     assert check.reported == pytest.approx(check.estimate, rel=1e-5)
+
+
+def test_the_default_penalty_strength_is_the_reference_one_matrix_per_step() -> None:
+    """sjtuplayer/SaRA optim/adamw2.py: one random matrix a step gets ``λ · mask ⊙ U Vᵀ`` (not ``N`` times it)."""
+    lam = 5e-4
+    sara = SaRA(fraction=0.5, rank_penalty=lam, target_modules=["attn1.to_q", "attn1.to_k", "conv1"])
+    check = PenaltyCheck(sara, lam)
+    fit(ZeroLoss("unet", n_batches=3), [sara, Jolt(sara), check])
+    assert all(ratio > 2 for ratio in check.scales), "few eligible matrices: the old N-times strength would pass"
+    for added, expected in zip(check.added, check.expected, strict=True):  # expected: the reference's autograd
+        assert float(expected.abs().max()) > 1e-6
+        torch.testing.assert_close(added, expected, rtol=1e-4, atol=1e-9)
 
 
 def nuclear_norm_of_update(lam: float) -> tuple[float, float]:

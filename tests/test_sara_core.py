@@ -222,3 +222,29 @@ def test_state_round_trip_and_refusal_names_the_field() -> None:
             sel.load_state_dict(other)
     with pytest.raises(ValueError, match="threshold"):
         SaRASelector(threshold=0.1).load_state_dict({**sel.state_dict(), "fraction": None, "threshold": 0.2})
+
+
+# ----------------------------------------------------------------------------------------------- penalty strength
+
+
+def reference_penalty_grad(matrix: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """sjtuplayer/SaRA ``optim/adamw2.py``: ``(lambda_rank * nuclear_norm(param * mask)).backward()`` into ``param``."""
+    param = matrix.clone().double().requires_grad_(True)
+    u, s, v = torch.svd(param * mask.double())
+    (lam * s.sum()).backward()
+    return param.grad
+
+
+def test_one_drawn_matrix_gets_the_reference_strength_and_more_draws_keep_it() -> None:
+    lam, gen = 5e-4, torch.Generator().manual_seed(0)
+    masks = [torch.rand(12, 9, generator=gen) < 0.4 for _ in range(6)]
+    deltas = [torch.randn(12, 9, generator=gen) * m for m in masks]  # a fixed ΔW on each matrix's trained entries
+    one = SaRASelector(fraction=0.4, matrices=1)
+    for step in range(4):
+        (i,) = one.penalty_matrices(step, len(deltas))
+        _, grad = nuclear_norm_grad(deltas[i])
+        ours = lam * one.penalty_scale(1) * grad[masks[i]]
+        torch.testing.assert_close(ours.double(), reference_penalty_grad(deltas[i], masks[i], lam)[masks[i]])
+    # k matrices a step: each gets 1/k of it, so the total strength per step stays the reference's one matrix
+    for k in (2, 3, 6):
+        assert SaRASelector(fraction=0.4, matrices=k).penalty_scale(k) * k == pytest.approx(1.0)

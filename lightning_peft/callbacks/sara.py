@@ -29,9 +29,12 @@ class SaRA(SparseMethod):
 
     * **Low-rank penalty** ``λ‖ΔW‖_*`` on the update of matrices (conv weights as ``out x in·kh·kw``):
       every ``penalty_every`` optimizer steps, ``penalty_matrices`` of the eligible matrices, drawn from a
-      generator seeded by ``(seed, step)`` (the same on every rank), get ``λ · (eligible / drawn) · U Vᵀ``
-      added to their trained entries' gradient, in ``on_before_optimizer_step`` after the gradients are
-      complete: an unbiased estimate of the full penalty's gradient at the cost of a few SVDs per step.
+      generator seeded by ``(seed, step)`` (the same on every rank), get ``λ / drawn · U Vᵀ`` added to
+      their trained entries' gradient, in ``on_before_optimizer_step`` after the gradients are complete.
+      With the default one matrix per step that is the reference's strength (``optim/adamw2.py``
+      back-propagates ``λ‖W ⊙ M‖_*`` of one random matrix per step into the trained values' gradient;
+      in ``optim/adamw.py`` that gradient never reaches them): in expectation the gradient of
+      ``λ · mean‖ΔW‖_*`` over the eligible matrices, so the same ``λ`` means the same on any model.
     * **Progressive re-selection** at ``reselect_at`` (an optimizer step, or a fraction of the run): the
       selection is recomputed on the *current* weights; entries that stay keep their value and optimizer
       state, entries that leave keep what they learned in the weight (and in the saved delta), entries
@@ -49,7 +52,8 @@ class SaRA(SparseMethod):
     Args:
         fraction: share of each target tensor to train, in (0, 1) (default 0.1); ignored if ``threshold`` is set.
         threshold: train the entries with ``|w| < threshold`` (> 0) instead of a fraction.
-        rank_penalty: ``λ`` of the nuclear-norm penalty (>= 0; 0 turns it off). The reference uses 5e-4.
+        rank_penalty: ``λ`` of the nuclear-norm penalty (>= 0; 0 turns it off): the reference's ``lambda_rank``,
+            at the same per-step strength as in its ``optim/adamw2.py``; its README runs 5e-4, the default.
         penalty_matrices: matrices penalised per penalty step.
         penalty_every: optimizer steps between penalty steps.
         penalty_min_dim: a matrix is eligible if both of its sides are at least this (the reference: 65).
@@ -230,7 +234,7 @@ class SaRA(SparseMethod):
 
     @torch.no_grad()
     def add_penalty_grad(self, pl_module: pl.LightningModule, step: int) -> float:
-        """Add ``λ · scale · U Vᵀ`` to the trained entries of this step's penalised matrices; returns the estimate."""
+        """Add ``λ / drawn · U Vᵀ`` to the trained entries of this step's penalised matrices; returns the estimate."""
         if self.rank_penalty == 0:
             return 0.0
         eligible = self.eligible(pl_module)
@@ -240,7 +244,7 @@ class SaRA(SparseMethod):
         bank = self.bank_of(pl_module)
         if bank.values.grad is None:
             bank.values.grad = torch.zeros_like(bank.values)
-        scale = len(eligible) / len(picks)
+        scale = self.selector.penalty_scale(len(picks))
         value = 0.0
         for i in picks:
             layer, pname = eligible[i]

@@ -16,13 +16,23 @@ This module holds the decisions; the sparse delta itself lives in
   communicating and a resumed run draws the same, every ``every`` steps.
 * :func:`nuclear_norm_grad`: ``‖ΔW‖_*`` and its (sub)gradient ``U Vᵀ`` (over the non-zero singular
   values). The callback adds ``λ · scale · U Vᵀ`` at the trained entries to their gradient, where
-  ``scale = eligible / matrices`` makes the sampled penalty an unbiased estimate of the penalty on all
-  eligible matrices every step.
+  ``scale = 1 / matrices`` (:meth:`SaRASelector.penalty_scale`): with the default ``matrices=1`` the
+  drawn matrix gets ``λ · U Vᵀ``, the reference's per-step strength (``optim/adamw2.py``: one random
+  eligible matrix per step, ``lambda_rank · ‖param * mask‖_*`` back-propagated into the parameter's
+  gradient). In expectation that is the gradient of ``λ · mean`` of ``‖ΔW‖_*`` over the eligible
+  matrices; more matrices per step give the same strength with less variance. (This used to be
+  ``eligible / matrices``, the gradient of ``λ · sum``: ``N_eligible`` times the reference's strength.)
 
-Differences from the reference (``sjtuplayer/SaRA``, ``optim/adamw.py``):
+Differences from the reference (``sjtuplayer/SaRA``). It has two optimizers: ``optim/adamw.py`` (the
+one with the sparse ``Sparse.apply`` parameters) and ``optim/adamw2.py`` (dense parameters, the update
+masked inside AdamW):
 
-* its penalty ``λ‖param * mask‖_*`` is taken of the *detached source parameter*, so its gradient
-  never reaches the trained values; here the gradient is added to the trained entries' gradient;
+* in ``optim/adamw.py`` the penalty ``λ‖param * mask‖_*`` is taken of the *detached source parameter*, so
+  its gradient never reaches the trained values; in ``optim/adamw2.py`` it is taken of the parameter
+  AdamW updates, so ``λ · mask ⊙ U Vᵀ`` does reach them, and that is the strength matched here; here
+  the gradient is added to the trained entries' gradient;
+* ``optim/adamw2.py`` skips the penalty in a step whose drawn matrix has 100 or fewer trained entries;
+  here every drawn matrix is penalised;
 * it penalises the masked weight ``W ⊙ M`` (the small pretrained values plus the update); here the
   penalty is on the update ``ΔW`` itself, which is what "low-rank update" means and what is zero at
   the start;
@@ -138,6 +148,15 @@ class SaRASelector:
             return False
         rows, cols = shape[0], int(torch.Size(shape[1:]).numel())
         return min(rows, cols) >= self.min_dim
+
+    def penalty_scale(self, n_drawn: int) -> float:
+        """The factor on each drawn matrix's ``λ · U Vᵀ``: ``1 / n_drawn``, the reference's strength per step.
+
+        The reference (``optim/adamw2.py``) back-propagates ``λ‖W_i ⊙ M_i‖_*`` of one random eligible matrix
+        per step; a matrix's expected penalty gradient is ``λ / N_eligible · U Vᵀ``. Drawing ``n_drawn`` and
+        scaling each by ``1 / n_drawn`` keeps that expectation (and equals the reference when ``n_drawn`` is 1).
+        """
+        return 1.0 / n_drawn
 
     def penalty_matrices(self, step: int, n_eligible: int) -> list[int]:
         """Indices (into the eligible matrices) penalised at optimizer step ``step``; empty between penalty steps."""
