@@ -33,11 +33,16 @@ class AdaLoRA(LoRA):
     Steps are optimizer steps (``trainer.global_step``), never micro-batches. On several ranks every
     rank sees the same all-reduced gradients and parameters, so every rank computes the same scores
     and masks with no extra communication (a test compares them at every masking step).
+    Gradient clipping: Lightning calls ``on_before_optimizer_step`` before it clips, so the importance
+    EMAs fold in the *unclipped* gradients; peft's ``update_and_allocate`` runs after the training loop's
+    clipping and scores the clipped ones. Without ``gradient_clip_val`` they are the same.
+
 
     Args:
         r: initial rank of every adapted layer (peft's ``init_r``).
         target_r: average rank per layer at the end; the final budget is ``target_r x layers``.
-        alpha: scale numerator; the update is scaled by ``alpha / r`` (``r`` the initial rank).
+        alpha: scale numerator; the update is scaled by ``alpha / r`` (``r`` the initial rank). The default 16
+            is ours; peft's ``AdaLoraConfig`` defaults to ``lora_alpha=8`` (pass 8 for peft's scale).
         tinit: warm-up optimizer steps before pruning.
         tfinal: final optimizer steps with the rank pattern frozen.
         deltaT: prune every ``deltaT`` optimizer steps while the budget decays.

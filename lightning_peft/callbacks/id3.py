@@ -47,11 +47,25 @@ class ID3(SparseMethod):
     ranks inside the scoring hook, so every rank scores the same numbers and makes the same choice
     with no broadcast (a test checks indices and weights are identical on both ranks).
 
+    Gradient clipping: Lightning clips after ``on_before_optimizer_step`` (and after the backward the
+    scoring hooks run in), so ID3 scores the *unclipped* gradients; the reference, called from its
+    optimizer's ``step``, scores the clipped ones. Without ``gradient_clip_val`` they are the same. The
+    trained entries' update is clipped as usual.
+
+    Ties at the cutoff: here the ``n_t`` new entries are an exact top-``n_t``, ties broken by tensor name
+    then flat index. The reference (selective-peft-toolkit ``optimizers/id3.py``) takes the ``n_t``-th
+    largest score among the unchosen entries as a cutoff and chooses, tensor by tensor, *every* entry
+    scoring ``>=`` it; only when one tensor alone adds more than ``n_t`` does it un-choose that tensor's
+    first chosen entries by flat index (earlier steps' entries included), so ties across tensors let a
+    step add more than ``n_t``. With ``B < T`` it raises ``IndexError`` (``topk(k=0).values[-1]``) at the
+    first step with nothing to add; here those steps add nothing.
+
     Args:
         budget: entries to train, a count (``int >= 1``) or a fraction of the targeted entries (``0 < float < 1``).
         total_steps: ``T``, the optimizer steps over which the budget is unmasked; default the whole run.
-        eps: the score's ``eps`` (> 0).
-        exp: the score's exponent on ``eps + |θ|`` (>= 0; 0 ranks by ``|g|`` alone).
+        eps: the score's ``eps`` (> 0). The default 1e-8 is ours: the reference has no default (``eps=None``).
+        exp: the score's exponent on ``eps + |θ|`` (>= 0; 0 ranks by ``|g|`` alone). The default 1 is ours; the
+            reference has none.
         target_modules: layers whose tensors may train (regex, names/suffixes, ``"all-linear"``); default the preset.
         exclude_modules: layers never trained.
         parameters: which tensors of each target layer: ``("weight",)`` or ``("weight", "bias")``.
