@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_peft.adapters import AdaLoRAConfig, SVDLoRALayer, adapter_layers
+from lightning_peft.adapters import AdaLoRAConfig, LoRAConfig, SVDLoRALayer, adapter_layers
 from lightning_peft.callbacks.backbone import resolve_backbone
 from lightning_peft.callbacks.lora import LoRA
 from lightning_peft.methods.adalora import RankAllocator
@@ -22,21 +22,24 @@ __all__ = ["AdaLoRA"]
 class AdaLoRA(LoRA):
     """Fine-tune with AdaLoRA: ``W + B·diag(E)·A·alpha/r`` adapters whose ranks are re-allocated by importance.
 
-    Hooks: ``setup`` injects SVD adapters (as :class:`LoRA` does) and refuses FSDP2; ``on_fit_start``
+    Hooks: ``setup`` injects SVD adapters (as :class:`LoRA` does) and refuses FSDP2; ``on_train_start``
     builds the :class:`~lightning_peft.methods.adalora.RankAllocator` (``total_step`` defaults to
-    ``trainer.estimated_stepping_batches``) and applies state restored from a checkpoint;
+    ``trainer.estimated_stepping_batches``; a schedule that does not fit the run is refused there and the
+    adapters injected in ``setup`` are taken out again), applies state restored from a checkpoint and reads
+    the step the run starts from (``on_train_start``, not ``on_fit_start``: Lightning restores the step and a
+    resumable loader's place in the epoch only between the two);
     ``on_before_optimizer_step`` adds the orthogonal regulariser's gradient and folds the complete
     gradients (after accumulation, the DDP all-reduce and AMP unscaling) into the importance EMAs;
     ``on_train_batch_end`` masks triplets after the optimizer step when the schedule says so and logs
     the budget; ``on_fit_end`` shrinks every adapter to its kept ranks, writes a rank heatmap, and saves.
 
-    Steps are optimizer steps (``trainer.global_step``), never micro-batches. On several ranks every
-    rank sees the same all-reduced gradients and parameters, so every rank computes the same scores
-    and masks with no extra communication (a test compares them at every masking step).
     Gradient clipping: Lightning calls ``on_before_optimizer_step`` before it clips, so the importance
     EMAs fold in the *unclipped* gradients; peft's ``update_and_allocate`` runs after the training loop's
     clipping and scores the clipped ones. Without ``gradient_clip_val`` they are the same.
 
+    Steps are optimizer steps (``trainer.global_step``), never micro-batches. On several ranks every
+    rank sees the same all-reduced gradients and parameters, so every rank computes the same scores
+    and masks with no extra communication (a test compares them at every masking step).
 
     Args:
         r: initial rank of every adapted layer (peft's ``init_r``).
@@ -124,13 +127,23 @@ class AdaLoRA(LoRA):
             )
         super().setup(trainer, pl_module, stage)
 
+    @override
+    def settings(self, config: LoRAConfig) -> dict[str, Any]:
+        settings = super().settings(config)
+        settings["config"] = {**settings["config"], "total_step": self.total_step}  # as asked, not as a fit resolved
+        return settings
+
     def _layers(self, pl_module: pl.LightningModule) -> list[tuple[str, SVDLoRALayer]]:
         root, _, _ = resolve_backbone(pl_module, self.backbone)
         return [(n, layer) for n, layer in adapter_layers(root) if isinstance(layer, SVDLoRALayer)]
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here, not in on_fit_start: Lightning restores the loops only after on_fit_start. Read earlier, a resumed
+        # run's global_step is still 0 (the first micro-batch of an accumulation window would look like a completed
+        # optimizer step), and estimated_stepping_batches builds the train loader before its saved place in the epoch
+        # is known, so a resumable loader never gets it back (Lightning issue #20550).
+        super().on_train_start(trainer, pl_module)
         config: AdaLoRAConfig = self.config  # type: ignore[assignment]
         planned = trainer.estimated_stepping_batches
         total = self.total_step
@@ -226,4 +239,4 @@ class AdaLoRA(LoRA):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._pending = state_dict.get("allocator")  # applied in on_fit_start, once the allocator exists
+        self._pending = state_dict.get("allocator")  # applied in on_train_start, once the allocator exists

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,27 @@ from typing_extensions import override
 
 from lightning_peft.callbacks.backbone import resolve_backbone
 
-__all__ = ["MethodCallback"]
+__all__ = ["MethodCallback", "restorer"]
+
+#: attribute of a backbone a method callback set up: ``{"settings": {"method": ..., ...}, "kept": {...}}``
+SETUP_ATTR = "_lightning_peft_setup"
+
+
+def restorer(root: nn.Module, unwrap: Callable[[], Any]) -> Callable[[], None]:
+    """A function that puts ``root`` back as it is now: it calls ``unwrap`` and restores every ``requires_grad``.
+
+    Take it *before* changing the module; ``unwrap`` undoes the structural change (e.g. removes the adapters).
+    """
+    flags = [(p, p.requires_grad) for p in root.parameters()]
+
+    def restore() -> None:
+        unwrap()
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        if SETUP_ATTR in root.__dict__:
+            del root.__dict__[SETUP_ATTR]
+
+    return restore
 
 
 class MethodCallback(Callback):
@@ -23,12 +44,88 @@ class MethodCallback(Callback):
     :meth:`hyperparameters` and :meth:`base_fingerprint`. It inherits ``on_fit_end``: when
     ``save_dir`` is set the result is saved there (every rank gathers, rank 0 writes) with the
     method's pictures, which are also logged where a logger takes images.
+
+    A module is set up once per configuration: a callback that finds its method's layers from an
+    earlier fit reuses them only when they were set up with identical settings
+    (:meth:`reuse_setup`), and refuses otherwise. A fit that fails before its first backward (a
+    refused configuration, in any hook) leaves the module as it found it (:meth:`on_exception`).
     """
 
     method = "method"
     backbone: str | None = None
     save_dir: str | None = None
     saved_to: Path | None = None
+    _undo: Callable[[], None] | None = None  # puts the module back as this fit found it, until training starts
+
+    # ----------------------------------------------------------------------------------------- one setup per module
+    def reuse_setup(self, root: nn.Module, settings: dict[str, Any], present: bool, what: str) -> dict[str, Any] | None:
+        """Whether ``root`` already carries what this callback would set up (reuse it), or nothing yet.
+
+        A module keeps what a method callback set up on it after the fit (a second ``fit``, ``validate`` or
+        ``test`` of the same module uses it). Reusing it is right only if it was set up with exactly these
+        settings: the adapters of a fit with another rank or other targets would otherwise train (and be
+        saved under this callback's configuration, which does not describe them).
+
+        Args:
+            root: the backbone.
+            settings: everything that decides what is set up (method, resolved targets, ranks, budgets).
+            present: whether ``root`` holds this method's layers now.
+            what: the layers in words, for the message (``"LoRA layers"``).
+
+        Returns:
+            None when nothing is set up yet; else what :meth:`record_setup` kept (reuse what is there).
+
+        Raises:
+            ValueError: ``root`` holds layers set up with other settings, or layers no callback set up.
+        """
+        marker = root.__dict__.get(SETUP_ATTR)
+        if not present and marker is None:
+            return None
+        name = type(self).__name__
+        fix = (
+            "build a fresh module, or take the earlier layers out first "
+            "(lightning_peft.adapters.remove_adapters / remove_sparse)"
+        )
+        if marker is None or not present:
+            raise ValueError(
+                f"{name}: {type(root).__name__} already holds {what} that no lightning-peft callback set up "
+                f"(injected by hand or by another tool); {fix}"
+            )
+        mine, recorded = {"method": self.method, **settings}, marker["settings"]
+        if recorded != mine:
+            differs = sorted(k for k in set(recorded) | set(mine) if recorded.get(k) != mine.get(k))
+            detail = "; ".join(f"{k}: earlier {recorded.get(k)!r}, now {mine.get(k)!r}" for k in differs)
+            raise ValueError(
+                f"{name}: {type(root).__name__} already holds {what} that an earlier fit set up with other settings "
+                f"({detail}). Training them would train the earlier adapters under this configuration. Fit again with "
+                f"the same settings to keep training them, or {fix}"
+            )
+        rank_zero_info(f"{name}: reusing the {what} an earlier fit set up on {type(root).__name__}")
+        return marker["kept"]
+
+    def record_setup(
+        self, root: nn.Module, settings: dict[str, Any], undo: Callable[[], None], kept: dict[str, Any] | None = None
+    ) -> None:
+        """Mark ``root`` as set up with ``settings``; ``undo`` (see :func:`restorer`) runs if the fit fails first.
+
+        ``kept``: what a later callback reusing the setup needs and cannot recompute (e.g. the base fingerprint).
+        """
+        root.__dict__[SETUP_ATTR] = {"settings": {"method": self.method, **settings}, "kept": dict(kept or {})}
+        self._undo = undo
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._undo = None  # training has started: a later failure keeps what was learned
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        undo, self._undo = self._undo, None
+        if undo is not None:
+            undo()
+            rank_zero_info(
+                f"{type(self).__name__}: the fit stopped before training ({type(exception).__name__}); "
+                "the module is restored as it was before the fit"
+            )
 
     def save(self, root: nn.Module, path: str | Path) -> Path | None:
         """Gather the result on every rank and write it from rank 0 (a collective). Returns the folder on rank 0."""
@@ -52,6 +149,7 @@ class MethodCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._undo = None
         if self.save_dir is None:
             return
         root, _, _ = resolve_backbone(pl_module, self.backbone)

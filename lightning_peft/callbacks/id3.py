@@ -36,7 +36,7 @@ class ID3(SparseMethod):
     the reference's dense masked AdamW gives an entry masked until then.
 
     Hooks: ``setup`` resolves the targets (the preset's layers by default), fingerprints the base and
-    injects the sparse layers; ``on_fit_start`` builds the
+    injects the sparse layers; ``on_train_start`` (after Lightning restored the loops) builds the
     :class:`~lightning_peft.methods.id3.Unmasker` (``T`` defaults to ``trainer.estimated_stepping_batches``)
     and applies restored state; ``on_train_batch_start`` arms the scoring hooks on the micro-batch that
     ends an accumulation window; ``on_before_optimizer_step`` (gradients complete and averaged across
@@ -136,8 +136,31 @@ class ID3(SparseMethod):
         self.budget_count = count
         return count
 
+    resolved = ("budget_count", "total_steps")
+
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "total_steps": self.total_steps}  # as asked, not as a fit resolved it
+
+    @override
+    def kept(self) -> dict[str, Any]:
+        return {"budget_count": self.budget_count}
+
+    @override
+    def reuse(self, root: nn.Module, kept: dict[str, Any]) -> None:
+        self.budget_count = int(kept["budget_count"])
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Not in on_fit_start: estimated_stepping_batches there would build the train loader before Lightning restores
+        # the loops, and a resumable loader would never get its place in the epoch back (Lightning issue #20550).
+        chosen = self.bank_of(pl_module).used
+        if chosen and self._pending is None:  # a second fit of a module this method trained, not a resume
+            raise ValueError(
+                f"ID3: this module already has {chosen:,} entries unmasked by an earlier fit; a new fit would start "
+                "the unmasking schedule again over them. Resume that run from its checkpoint (ckpt_path=...) to go "
+                "on, or start from a fresh module"
+            )
         planned = trainer.estimated_stepping_batches
         total = self.total_steps
         if self._pending is not None:
@@ -232,4 +255,4 @@ class ID3(SparseMethod):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict.get("unmasker")  # applied in on_fit_start, once T is known
+        self._pending = state_dict.get("unmasker")  # applied in on_train_start, once T is known

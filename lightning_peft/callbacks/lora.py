@@ -19,11 +19,12 @@ from lightning_peft.adapters import (
     count_parameters,
     inject_adapters,
     peft_config,
+    remove_adapters,
     write_adapter,
 )
 from lightning_peft.adapters.lora import InitKind
 from lightning_peft.callbacks.backbone import resolve_backbone
-from lightning_peft.callbacks.base import MethodCallback
+from lightning_peft.callbacks.base import MethodCallback, restorer
 from lightning_peft.zoo.entry import fingerprint
 
 __all__ = ["LoRA"]
@@ -34,7 +35,9 @@ class LoRA(MethodCallback):
 
     Hooks: ``setup`` injects the adapters and freezes the rest of the backbone, before
     ``configure_optimizers`` runs and before the strategy wraps the model, so the optimizer and
-    DDP see only the trainable parameters; ``on_fit_start`` logs the parameter counts;
+    DDP see only the trainable parameters (a module that already holds adapters from an earlier fit
+    with the same settings keeps them; other settings are refused; a fit that fails before training
+    takes the adapters out again); ``on_train_start`` logs the parameter counts;
     ``on_fit_end`` saves the adapter (peft format, safetensors) when ``save_dir`` is set.
 
     On several ranks every rank injects the same layers with the same initialisation (the
@@ -114,8 +117,6 @@ class LoRA(MethodCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         root, self.backbone_path, preset = resolve_backbone(pl_module, self.backbone)
-        if any(True for _ in adapter_layers(root)):  # a second fit/validate with the same module
-            return
         config = self.config
         if config.target_modules is None:
             if preset is None:
@@ -124,8 +125,16 @@ class LoRA(MethodCallback):
                     "(a regex, a list of module names/suffixes, or 'all-linear')"
                 )
             config = dataclasses.replace(config, target_modules=list(preset.target_modules))
+        settings = self.settings(config)
+        present = any(True for _ in adapter_layers(root))
+        if self.reuse_setup(root, settings, present, "LoRA layers") is not None:  # a second fit/validate
+            self.config = config
+            self.adapted = [name for name, _ in adapter_layers(root)]
+            return
+        undo = restorer(root, lambda: remove_adapters(root))
         self.adapted = inject_adapters(root, config)
         self.config = config
+        self.record_setup(root, settings, undo)
         # Every rank starts from rank 0's adapter init. DDP would broadcast it when wrapping the model, but
         # FSDP2 keeps each rank's own shard of its own init; this makes the start independent of the strategy.
         for _, layer in adapter_layers(root):
@@ -139,8 +148,13 @@ class LoRA(MethodCallback):
             f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
         )
 
+    def settings(self, config: LoRAConfig) -> dict[str, Any]:
+        """What decides the adapters this callback injects (targets resolved), to tell a reusable setup apart."""
+        return {"config": config.to_dict(), "backbone": self.backbone_path}
+
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # here, not in on_fit_start: a resumed run's global_step is restored only after on_fit_start
         trainable, total = count_parameters(pl_module)
         stats = {
             "peft/trainable_params": trainable,

@@ -125,6 +125,8 @@ class SaRA(SparseMethod):
         self.penalty = 0.0
         self._pending: dict[str, Any] | None = None
 
+    resolved = ("reselect_step",)
+
     # ----------------------------------------------------------------------------------------- selection
     def _tensors(self, root: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
         return [(n, p, root.get_submodule(n).get_parameter(p)) for n, ps in self.targets.items() for p in ps]

@@ -17,6 +17,7 @@ from lightning_peft.adapters.sparse import (
     SparseDeltaBank,
     SparseDeltaLayer,
     inject_sparse,
+    remove_sparse,
     sparse_bank,
     sparse_layers,
     sparse_state_dict,
@@ -24,7 +25,7 @@ from lightning_peft.adapters.sparse import (
 from lightning_peft.adapters.targeting import match_targets
 from lightning_peft.backbones import Preset
 from lightning_peft.callbacks.backbone import resolve_backbone
-from lightning_peft.callbacks.base import MethodCallback
+from lightning_peft.callbacks.base import MethodCallback, restorer
 from lightning_peft.strategies import check_dynamic_strategy
 from lightning_peft.zoo.entry import fingerprint
 
@@ -40,7 +41,9 @@ class SparseMethod(MethodCallback):
     fingerprints the base weights (the training changes them in place), asks the subclass for the
     bank's capacity, injects the sparse layers and freezes the backbone except the bank's one
     parameter and ``modules_to_save``. Because the bank never changes identity or size, the optimizer,
-    built once, stays valid however the selection changes. Several processes: ``strategy="ddp_selective"``.
+    built once, stays valid however the selection changes. A module set up by an earlier fit with the same
+    settings is reused (other settings are refused); a fit that fails before training takes the sparse layers
+    out and restores the weights. Several processes: ``strategy="ddp_selective"``.
     ``on_fit_end`` draws the density per layer and saves the deltas (sparse format: indices + values;
     ``modules_to_save`` in full) with the base fingerprint.
     """
@@ -111,7 +114,12 @@ class SparseMethod(MethodCallback):
         if stage != "fit":
             return
         root, _, preset = resolve_backbone(pl_module, self.backbone)
-        if sparse_bank(root) is not None:  # a second fit with the same module
+        settings = self.settings()
+        kept = self.reuse_setup(root, settings, sparse_bank(root) is not None, "sparse delta layers")
+        if kept is not None:  # a second fit of the same module, set up the same way
+            self.targets = {name: tuple(layer.param_names) for name, layer in sparse_layers(root)}
+            self.sizes, self.total_params, self._base = dict(kept["sizes"]), int(kept["total"]), kept["base"]
+            self.reuse(root, kept)
             return
         check_dynamic_strategy(trainer.strategy, type(self).__name__)
         targets = self.resolve_targets(root, preset)
@@ -124,17 +132,35 @@ class SparseMethod(MethodCallback):
         self.total_params = sum(self.sizes.values())
         capacity = self.capacity(root, targets)
         self._base = fingerprint(root, exclude=self.modules_to_save)  # before any weight changes
+        undo = restorer(root, lambda: remove_sparse(root, merge=False))
         root.requires_grad_(False)
         bank = inject_sparse(root, targets, capacity)
         bank.values.requires_grad_(True)
         for name in self.modules_to_save:
             root.get_submodule(name).requires_grad_(True)
         self.targets = targets
+        kept = {"sizes": dict(self.sizes), "total": self.total_params, "base": self._base, **self.kept()}
+        self.record_setup(root, settings, undo, kept)
         rank_zero_info(
             f"{type(self).__name__}: {len(targets)} layers, {self.total_params:,} candidate entries; "
             f"bank of {capacity:,} trainable values ({100 * capacity / max(self.total_params, 1):.3f}% of them)"
         )
         self.after_inject(trainer, root)
+
+    #: keys of :meth:`hyperparameters` that a fit works out (not settings the user gives)
+    resolved: tuple[str, ...] = ()
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the sparse layers this callback sets up, to tell a reusable setup apart."""
+        given = {k: v for k, v in self.hyperparameters().items() if k not in self.resolved}
+        return {"backbone": self.backbone, **given}
+
+    def kept(self) -> dict[str, Any]:
+        """What a later callback reusing this setup needs from this one (beyond targets, sizes, base)."""
+        return {}
+
+    def reuse(self, root: nn.Module, kept: dict[str, Any]) -> None:
+        """Take over the setup an earlier fit made (``kept`` is what :meth:`kept` returned then)."""
 
     # ----------------------------------------------------------------------------------------- helpers
     @staticmethod

@@ -7,13 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_peft.tasks.loading import ResumableDataLoader
+
 __all__ = ["ClassifierSteps", "TensorSplitDataModule", "TrainableAdamW"]
 
 
 class TensorSplitDataModule(pl.LightningDataModule):
     """A data module whose ``setup`` fills ``train_set`` / ``val_set``; test uses the validation split.
 
-    Subclasses set ``batch_size``, ``num_workers`` and ``val_batch_size`` and build the two datasets in ``setup``.
+    Subclasses set ``batch_size``, ``num_workers`` and ``val_batch_size`` (and ``seed``, which also seeds the
+    training order) and build the two datasets in ``setup``. The loaders are
+    :class:`~lightning_peft.tasks.loading.ResumableDataLoader` s: a run killed mid-epoch and resumed from its
+    checkpoint continues with the batches it had not seen, in the order the uninterrupted run had.
     """
 
     train_set: TensorDataset | None = None
@@ -21,11 +26,15 @@ class TensorSplitDataModule(pl.LightningDataModule):
     batch_size: int = 32
     val_batch_size: int = 256
     num_workers: int = 0
+    seed: int = 0
 
     def _loader(self, dataset: TensorDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run; the Trainer calls it before loading data")
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers)
+        # resumable mid-epoch, shuffled by (seed, epoch): a run killed mid-epoch and resumed sees what it would have
+        return ResumableDataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, seed=self.seed, num_workers=self.num_workers
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True)
