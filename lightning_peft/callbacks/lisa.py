@@ -17,7 +17,7 @@ from lightning_peft import distributed
 from lightning_peft.adapters.delta import delta_config, write_delta
 from lightning_peft.backbones import find_blocks, resolve_always_on
 from lightning_peft.callbacks.backbone import resolve_backbone
-from lightning_peft.callbacks.base import MethodCallback
+from lightning_peft.callbacks.base import MethodCallback, restorer
 from lightning_peft.methods.lisa import LayerSampler
 from lightning_peft.strategies import check_dynamic_strategy
 from lightning_peft.zoo.entry import fingerprint
@@ -130,9 +130,7 @@ class LISA(MethodCallback):
         self._pending: dict[str, Any] | None = None
         self._root: weakref.ref[nn.Module] | None = None  # the backbone the blocks belong to
         self._setup_configuration: dict[str, Any] | None = None
-        self._flags: list[tuple[nn.Parameter, bool]] | None = None  # requires_grad before this fit changed them
         self._fresh = False  # this fit set the callback up (rather than continuing an earlier fit's setup)
-        self._stepped = False  # an optimizer step happened in this fit
 
     @property
     @override
@@ -146,7 +144,6 @@ class LISA(MethodCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._stepped = False
         check_dynamic_strategy(trainer.strategy, "LISA", trainable_changes=True)
         root, _, preset = resolve_backbone(pl_module, self.backbone)
         blocks = find_blocks(root, self.block_path)
@@ -211,8 +208,9 @@ class LISA(MethodCallback):
         )
 
     def _freeze(self, root: nn.Module) -> None:
-        """Freeze the backbone but the always-on parameters and the blocks, remembering the flags to restore."""
-        self._flags = [(p, p.requires_grad) for p in root.parameters()]
+        """Freeze the backbone but the always-on parameters and the blocks; a fit that fails before training undoes it
+        (flags restored; a setup made in this fit is forgotten), through :meth:`MethodCallback.on_exception`."""
+        self._undo = restorer(root, self._forget if self._fresh else lambda: None)
         root.requires_grad_(False)
         for p in self._always:
             p.requires_grad_(True)
@@ -226,19 +224,6 @@ class LISA(MethodCallback):
         self.block_names, self.always_on_names, self.counts, self.history, self.active = [], [], [], [], []
         self._blocks, self._always, self._names = [], [], {}
         self._interval_index, self._base, self._root, self._setup_configuration = -1, None, None, None
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """A fit that fails before its first optimizer step (a refusal included) leaves the module as it found it."""
-        super().on_exception(trainer, pl_module, exception)
-        flags, self._flags = self._flags, None
-        if flags is None or self._stepped:  # training has started: a later failure keeps what was learned
-            return
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        if self._fresh:  # set up in this fit: as if it never ran
-            self._forget()
-        rank_zero_info(f"LISA: the fit stopped before training ({type(exception).__name__}); requires_grad restored")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -293,14 +278,8 @@ class LISA(MethodCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._stepped = True
         for i in self.active:
             self.counts[i] += 1
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_end(trainer, pl_module)
-        self._flags = None  # the fit succeeded: the module keeps the last active set's flags
 
     @override
     def hyperparameters(self) -> dict[str, Any]:
