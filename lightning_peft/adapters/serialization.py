@@ -40,6 +40,7 @@ __all__ = [
     "load_adapter",
     "peft_config",
     "read_adapter_config",
+    "read_json",
     "save_adapter",
     "write_adapter",
 ]
@@ -181,13 +182,38 @@ def _weights_file(path: Path) -> Path:
     return path
 
 
+def read_json(file: str | os.PathLike) -> dict:
+    """The JSON object in ``file``.
+
+    Raises:
+        ValueError: the file is not valid JSON (or not an object): names the file, the place, and says it is corrupt.
+    """
+    try:
+        data = json.loads(Path(file).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{file} is corrupt: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+            "re-create it or fetch the entry again"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{file} is corrupt: not UTF-8 text; re-create it or fetch the entry again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} is corrupt: it holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
 def read_adapter_config(path: str | os.PathLike) -> dict:
-    """The ``adapter_config.json`` of an adapter folder (or beside an adapter file)."""
+    """The ``adapter_config.json`` of an adapter folder (or beside an adapter file).
+
+    Raises:
+        FileNotFoundError: there is none.
+        ValueError: it is not valid JSON (the message names the file).
+    """
     path = Path(path)
     file = (path if path.is_dir() else path.parent) / ADAPTER_CONFIG
     if not file.is_file():
         raise FileNotFoundError(f"no {ADAPTER_CONFIG} beside the adapter at {path}")
-    return json.loads(file.read_text())
+    return read_json(file)
 
 
 def config_from_peft(cfg: dict) -> LoRAConfig:
@@ -253,23 +279,25 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     file = _weights_file(path)
     tensors = _read_tensors(file)
     config_file = (path if path.is_dir() else path.parent) / ADAPTER_CONFIG
-    if config_file.is_file() and is_delta_config(cfg := json.loads(config_file.read_text())):
+    cfg = read_json(config_file) if config_file.is_file() else None
+    if cfg is not None and is_delta_config(cfg):
         load_delta(model, tensors, cfg)  # a weight delta (LISA, ID³, SaRA): applied to the base tensors
         return None
     injected: LoRAConfig | None = None
     modules_to_save: list[str] = []
     if not any(True for _ in adapter_layers(model)):
-        injected = config_from_peft(read_adapter_config(path))
+        if cfg is None:
+            raise FileNotFoundError(f"no {ADAPTER_CONFIG} beside the adapter at {path}")
+        injected = config_from_peft(cfg)
+        _check_dtypes(tensors)
         _check_layers_exist(model, tensors)
         exact = "|".join(re.escape(n) for n in _layer_names(tensors))
         injected.target_modules = f"(?:{exact})"
         inject_adapters(model, injected, freeze=False)
-        _apply_rank_pattern(model, read_adapter_config(path).get("rank_pattern") or {})
+        _apply_rank_pattern(model, cfg.get("rank_pattern") or {})
         modules_to_save = injected.modules_to_save
-    else:
-        config_file = (path if path.is_dir() else path.parent) / ADAPTER_CONFIG
-        if config_file.is_file():
-            modules_to_save = list(json.loads(config_file.read_text()).get("modules_to_save") or [])
+    elif cfg is not None:
+        modules_to_save = list(cfg.get("modules_to_save") or [])
     try:
         _copy_into(model, tensors, modules_to_save, strict)
     except AdapterMismatchError:
@@ -297,6 +325,16 @@ def _apply_rank_pattern(model: nn.Module, rank_pattern: dict[str, list[bool]]) -
         layer.shrink(torch.tensor(pattern, dtype=torch.bool))
 
 
+def _check_dtypes(tensors: dict[str, torch.Tensor]) -> None:
+    """Adapter weights are floating point: an integer or bool tensor is a corrupt or foreign file."""
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            raise AdapterMismatchError(
+                f"tensor {key!r} has dtype {value.dtype} in the adapter: adapter weights are floating point, so "
+                "the file is corrupt or not a LoRA adapter"
+            )
+
+
 def _check_layers_exist(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     modules = dict(model.named_modules())
     for name in _layer_names(tensors):
@@ -312,6 +350,7 @@ def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], modules_to_sa
     if merged:
         raise RuntimeError(f"{merged[0]} is merged; unmerge_adapters() before loading an adapter")
     expected = adapter_state_dict(model, modules_to_save)
+    _check_dtypes(tensors)
     for key, value in tensors.items():
         if key not in expected:
             raise AdapterMismatchError(f"the adapter has tensor {key!r}, which the model has no place for")

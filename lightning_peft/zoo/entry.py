@@ -27,12 +27,13 @@ from torch import nn
 
 import lightning_peft
 from lightning_peft.adapters import read_adapter_config
-from lightning_peft.adapters.serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from lightning_peft.adapters.serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_json
 
 __all__ = [
     "MANIFEST",
     "EntryError",
     "FingerprintMismatchError",
+    "PublishError",
     "check_fingerprint",
     "fingerprint",
     "read_manifest",
@@ -53,6 +54,21 @@ class EntryError(ValueError):
 
 class FingerprintMismatchError(ValueError):
     """The model is not the base model the adapter was trained on."""
+
+
+class PublishError(RuntimeError):
+    """A trained result could not be published; the message says why, where the result is kept and how to push it.
+
+    Attributes:
+        folder: the kept entry folder (None when nothing could be written).
+    """
+
+    def __init__(self, message: str, folder: str | os.PathLike | None = None) -> None:
+        super().__init__(message)
+        self.folder = Path(folder) if folder is not None else None
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable, to be sent to the other ranks
+        return (type(self), (str(self), self.folder))
 
 
 def validate_name(name: str) -> str:
@@ -182,12 +198,20 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     """The manifest of an entry folder.
 
     Raises:
-        EntryError: no manifest, or one this version cannot read.
+        EntryError: the folder does not exist, has no manifest, or one that is corrupt or this version cannot read.
     """
-    path = Path(folder) / MANIFEST
+    folder = Path(folder)
+    if not folder.exists():
+        raise EntryError(f"the folder {folder} does not exist")
+    if not folder.is_dir():
+        raise EntryError(f"{folder} is a file, not an entry folder")
+    path = folder / MANIFEST
     if not path.is_file():
         raise EntryError(f"{folder} is not a lightning-peft zoo entry: it has no {MANIFEST}")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = read_json(path)
+    except ValueError as err:
+        raise EntryError(str(err)) from None
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise EntryError(f"{folder} uses entry format {manifest['format_version']}; upgrade lightning-peft to read it")
     return manifest
@@ -213,5 +237,8 @@ def verify_files(folder: str | os.PathLike, manifest: dict[str, Any] | None = No
             raise EntryError(
                 f"{rel} has sha256 {actual[:12]}… but the manifest says {expected[:12]}…: corrupt or tampered"
             )
-    read_adapter_config(folder)
+    try:
+        read_adapter_config(folder)
+    except ValueError as err:  # corrupt JSON: the message names the file
+        raise EntryError(str(err)) from None
     return manifest
