@@ -2,10 +2,13 @@
 
 Everything is first written into a temporary folder beside the destination, then moved into place
 with ``os.replace`` (atomic on one file system). A crash mid-write leaves the previous files intact.
+A write that fails for want of space or permission is reported as one :class:`StorageError` line
+that names the device or folder and what to do (:func:`storage_error`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -13,7 +16,85 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["staged_dir", "staged_file"]
+__all__ = ["StorageError", "check_writable", "mount_of", "staged_dir", "staged_file", "storage_error"]
+
+
+class StorageError(OSError):
+    """A file could not be written (disk full, read-only, no permission); the message says where and what to do.
+
+    ``errno`` and ``filename`` are those of the failed write; ``str()`` is the one-line message alone.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror if self.strerror is not None else super().__str__())
+
+
+def mount_of(path: str | os.PathLike) -> tuple[str, str]:
+    """``(device, mount point)`` of the file system holding ``path`` (or its nearest existing parent).
+
+    The device is the mount's source as ``/proc/self/mounts`` lists it (e.g. ``/dev/nvme0n1p2``,
+    ``tmpfs``); where that cannot be read it is the mount point itself.
+    """
+    probe = Path(os.path.abspath(path))
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    mount = probe
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        with open("/proc/self/mounts") as f:
+            sources = {fields[1]: fields[0] for fields in (line.split() for line in f) if len(fields) > 1}
+    except OSError:
+        sources = {}
+    return sources.get(str(mount), str(mount)), str(mount)
+
+
+def storage_error(err: OSError, path: str | os.PathLike, doing: str) -> StorageError:
+    """One line for an ``OSError`` raised at ``path`` while ``doing`` (e.g. ``"writing entry 'x'"``).
+
+    Example:
+        >>> import errno
+        >>> print(storage_error(OSError(errno.EACCES, "Permission denied"), "/srv", "writing x"))
+        no permission for /srv while writing x: choose a folder you can write to, or fix its permissions
+    """
+    if isinstance(err, StorageError):
+        return err
+    code = err.errno
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        device, mount = mount_of(path)
+        on = device if device == mount else f"{device} (mounted at {mount})"
+        if code == errno.EROFS:
+            message = f"{on} is read-only, so {doing} at {path} failed: choose a writable folder"
+        else:
+            what = "no space left" if code == errno.ENOSPC else "disk quota exceeded"
+            message = f"{what} on {on} while {doing} at {path}: free some space there or use another folder"
+    elif code in (errno.EACCES, errno.EPERM):
+        message = f"no permission for {path} while {doing}: choose a folder you can write to, or fix its permissions"
+    else:
+        reason = err.strerror or str(err) or type(err).__name__
+        where = f" ({err.filename})" if err.filename and str(err.filename) != str(path) else ""
+        message = f"{doing} at {path} failed: {reason}{where}"
+    return StorageError(code, message, str(path))
+
+
+def check_writable(folder: str | os.PathLike, doing: str) -> Path:
+    """Create ``folder`` if needed and prove a file can be written in it (then removed). Returns the folder.
+
+    Raises:
+        StorageError: it cannot be created or written, with the reason in one line.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            os.unlink(name)
+    except OSError as err:
+        raise storage_error(err, folder, doing) from err
+    return folder
 
 
 def _mode(directory: bool) -> int:

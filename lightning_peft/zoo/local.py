@@ -8,20 +8,28 @@ Layout (like the Hugging Face cache, so revisions mean the same in both backends
 The root is ``$LIGHTNING_PEFT_ZOO`` if set, else ``$XDG_CACHE_HOME/lightning-peft/zoo`` (default
 ``~/.cache/lightning-peft/zoo``), unless passed explicitly. A publish copies the entry into a
 hidden temporary folder, renames it into place (atomic), then moves ``refs/main``: an interrupted
-publish leaves no entry, and readers never see a half-written one.
+publish leaves no entry, and readers never see a half-written one. A publish that fails (disk full,
+read-only) removes what it wrote and raises one :class:`~lightning_peft.fileio.StorageError` line.
+
+The temporary folder's name records its writer (``.publish-<host>~<pid>~<start time>~<boot id>~…``),
+so a publisher killed midway (``SIGKILL``, power loss) is recognised later: each publish removes the
+temporaries whose writer is gone (another boot, no such process, or the pid now belongs to a process
+started at another time), and keeps those of live writers and of other hosts sharing the folder.
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_peft.fileio import staged_file
+from lightning_peft.fileio import staged_file, storage_error
 from lightning_peft.zoo.entry import EntryError, read_manifest, validate_name, verify_files
 
 __all__ = ["EntryInfo", "LocalZoo", "default_root"]
@@ -94,19 +102,44 @@ class LocalZoo:
         folder = Path(folder)
         manifest = verify_files(folder)
         revisions = entry / "revisions"
-        revisions.mkdir(parents=True, exist_ok=True)
         revision = _revision_id(manifest)
         target = revisions / revision
-        if not target.exists():
-            tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=revisions))
-            try:
-                shutil.copytree(folder, tmp, dirs_exist_ok=True)
-                os.replace(tmp, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        with staged_file(entry / "refs" / "main") as ref:
-            ref.write_text(revision + "\n")
+        created = [d for d in (self.root, entry, revisions, entry / "refs") if not d.exists()]
+        wrote_target = False
+        try:
+            revisions.mkdir(parents=True, exist_ok=True)
+            self.clean_stale()
+            if not target.exists():
+                tmp = Path(tempfile.mkdtemp(prefix=_publish_prefix(), dir=revisions))
+                try:
+                    _copy_tree(folder, tmp)
+                    os.replace(tmp, target)
+                    wrote_target = True
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            with staged_file(entry / "refs" / "main") as ref:
+                ref.write_text(revision + "\n")
+        except OSError as err:  # leave nothing behind: the new revision and the folders this publish made
+            if wrote_target:
+                shutil.rmtree(target, ignore_errors=True)
+            for made in reversed(created):
+                with contextlib.suppress(OSError):
+                    made.rmdir()  # only if empty: a concurrent publish keeps what it wrote
+            raise storage_error(err, entry, f"writing entry {name!r}") from err
         return revision
+
+    def clean_stale(self) -> list[Path]:
+        """Remove the hidden temporaries of publishes whose writer is gone (killed). Returns what was removed.
+
+        Only a temporary whose name records a writer on this host that no longer runs (or ran before the
+        last boot) is removed; those of live publishers, of other hosts and of unknown writers are kept.
+        """
+        removed = []
+        for tmp in self.root.glob(f"*/revisions/{_PUBLISH}*"):
+            if tmp.is_dir() and _writer_gone(tmp.name):
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+        return removed
 
     def revisions(self, name: str) -> list[str]:
         """Revisions of ``name``, oldest first."""
@@ -176,7 +209,10 @@ class LocalZoo:
         if not entry.is_dir():
             raise FileNotFoundError(f"no entry {name!r} in the local zoo at {self.root}")
         trash = entry.with_name(f".rm-{entry.name}-{os.getpid()}")
-        os.replace(entry, trash)  # atomic: readers see the entry or nothing
+        try:
+            os.replace(entry, trash)  # atomic: readers see the entry or nothing
+        except OSError as err:
+            raise storage_error(err, entry, f"deleting entry {name!r}") from err
         shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -187,3 +223,64 @@ def _revision_id(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(
         json.dumps(manifest["files"], sort_keys=True).encode() + manifest["created"].encode()
     ).hexdigest()[:12]
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """Copy ``src``'s files into the existing ``dst``, stopping at the first error (``copytree`` collects them)."""
+    for path in sorted(src.rglob("*")):
+        out = dst / path.relative_to(src)
+        if path.is_dir():
+            out.mkdir(exist_ok=True)
+        else:
+            shutil.copy2(path, out)
+
+
+_PUBLISH = ".publish-"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:12]
+    except OSError:
+        return "0"  # unknown: not Linux
+
+
+def _start_time(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot, from ``/proc``); ``"0"`` if unknown, ``""`` if none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return ""
+    except OSError:
+        return "0"
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name before it may hold spaces
+
+
+def _host() -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in socket.gethostname())[:64]
+
+
+def _publish_prefix() -> str:
+    """``.publish-<host>~<pid>~<start>~<boot>~``: what :func:`_writer_gone` reads back."""
+    pid = os.getpid()
+    return f"{_PUBLISH}{_host()}~{pid}~{_start_time(pid) or 0}~{_boot_id()}~"
+
+
+def _writer_gone(name: str) -> bool:
+    """Whether the publish that made the temporary ``name`` certainly no longer runs."""
+    fields = name[len(_PUBLISH) :].split("~")
+    if len(fields) != 5 or fields[0] != _host() or not fields[1].isdigit():
+        return False  # another host, or a name this version did not write: cannot tell
+    pid, started, boot = int(fields[1]), fields[2], fields[3]
+    if boot != "0" and _boot_id() not in ("0", boot):
+        return True  # written before the last reboot
+    now = _start_time(pid)
+    if now == "0" or (now and started == "0"):  # no /proc: only whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    return now != started  # no such process, or the pid was reused by a later one
