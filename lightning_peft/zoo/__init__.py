@@ -33,11 +33,13 @@ from torch import nn
 from lightning_peft.adapters import AdaLoRAConfig, LoRAConfig, adapter_layers, load_adapter, read_adapter_config
 from lightning_peft.adapters import save_adapter as _save_adapter
 from lightning_peft.distributed import unwrapped_class
+from lightning_peft.fileio import StorageError
 from lightning_peft.zoo.card import write_card
 from lightning_peft.zoo.entry import (
     MANIFEST,
     EntryError,
     FingerprintMismatchError,
+    PublishError,
     check_fingerprint,
     fingerprint,
     read_manifest,
@@ -45,7 +47,7 @@ from lightning_peft.zoo.entry import (
     verify_files,
     write_manifest,
 )
-from lightning_peft.zoo.hub import HubError, HubZoo
+from lightning_peft.zoo.hub import HubError, HubUnreachableError, HubZoo, validate_repo_id
 from lightning_peft.zoo.local import EntryInfo, LocalZoo, default_root
 
 __all__ = [
@@ -54,8 +56,11 @@ __all__ = [
     "EntryInfo",
     "FingerprintMismatchError",
     "HubError",
+    "HubUnreachableError",
     "HubZoo",
     "LocalZoo",
+    "PublishError",
+    "StorageError",
     "build_entry",
     "default_root",
     "download",
@@ -64,6 +69,8 @@ __all__ = [
     "publish",
     "resolve_zoo",
     "search",
+    "validate_name",
+    "validate_repo_id",
 ]
 
 Zoo = LocalZoo | HubZoo
@@ -156,10 +163,18 @@ def publish(
     recipe: str | None = None,
     pictures: list[str | os.PathLike] | None = None,
 ) -> str:
-    """Build an entry for ``model``'s adapters in a temporary folder and publish it. Returns the new revision."""
+    """Build an entry for ``model``'s adapters in a temporary folder and publish it. Returns the new revision.
+
+    Raises:
+        ValueError: an invalid name (checked before anything is built).
+        StorageError: the local zoo cannot be written (disk full, read-only); nothing is left behind.
+        HubError: the Hub refused or did not answer.
+    """
     target = resolve_zoo(name, zoo)
     if isinstance(target, LocalZoo):
         validate_name(name)
+    else:
+        validate_repo_id(name)
     with tempfile.TemporaryDirectory(prefix="lightning-peft-entry-") as tmp:
         build_entry(tmp, model, config, name, base_model, metrics, recipe, pictures)
         return target.publish(tmp, name)

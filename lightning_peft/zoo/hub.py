@@ -4,53 +4,93 @@ One entry is one model repo tagged ``lightning-peft`` (the model card's tags); o
 ``upload_folder`` commit, whose sha is the entry's revision. Tokens come from huggingface_hub's own
 login (``hf auth login`` / ``HF_TOKEN``) unless passed; they are never printed or written into an
 entry. Downloads go through ``snapshot_download`` (so ``HF_HUB_OFFLINE=1`` works from the cache) and
-every file is checked against the manifest's sha256; a snapshot that fails is deleted from the cache.
+every file is checked against the manifest's sha256; a snapshot that fails is deleted from the cache,
+with the cached blobs of its bad files, so a retry downloads them again.
+
+Faults are one :class:`HubError` line that names the endpoint and what to check. Every call first
+sends one request with a short timeout (``timeout``, default ``$LIGHTNING_PEFT_HUB_TIMEOUT`` or 10 s)
+and no retries, so a closed port or a server that never answers fails within that time instead of
+after the client's retries (a stalled server would otherwise hang: the client's own default is no
+timeout); while the call runs, every request to the endpoint is bounded by the same timeout. A
+download whose endpoint is unreachable is served from the cache when the revision is there.
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
+import importlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lightning_peft.zoo.entry import EntryError, read_manifest, verify_files
+from lightning_peft.zoo.entry import EntryError, read_manifest, sha256_file, verify_files
 from lightning_peft.zoo.local import EntryInfo
 
-__all__ = ["HubError", "HubZoo"]
+__all__ = ["DEFAULT_TIMEOUT", "TIMEOUT_ENV", "HubError", "HubUnreachableError", "HubZoo", "validate_repo_id"]
+
+TIMEOUT_ENV = "LIGHTNING_PEFT_HUB_TIMEOUT"
+DEFAULT_TIMEOUT = 10.0
+_PICKLES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 class HubError(RuntimeError):
     """The Hub refused or could not be reached; the message says which."""
 
 
-def _translate(err: Exception, repo_id: str, revision: str | None = None) -> Exception:
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+class HubUnreachableError(HubError):
+    """Nothing answered at the endpoint (refused, timed out, no route): the message names it and what to check."""
 
-    if isinstance(err, RevisionNotFoundError):
-        return HubError(f"revision {revision!r} of {repo_id} does not exist on the Hub")
-    if isinstance(err, RepositoryNotFoundError):
-        return HubError(f"{repo_id} was not found on the Hub (or it is private and your token cannot see it)")
-    if isinstance(err, LocalEntryNotFoundError | OfflineModeIsEnabled):  # before EntryNotFoundError: a subclass
-        return HubError(f"the Hub cannot be reached and {repo_id} is not in the local cache ({err})")
-    if isinstance(err, EntryNotFoundError):
-        return HubError(f"{repo_id} lacks a file the entry needs: {err}")
-    if isinstance(err, HfHubHTTPError):
-        status = getattr(err.response, "status_code", None)
-        if status in (401, 403):
-            return HubError(f"no permission for {repo_id} (HTTP {status}): log in with `hf auth login` or pass a token")
-        return HubError(f"the Hub answered HTTP {status} for {repo_id}: {err}")
-    if isinstance(err, OSError | ConnectionError):
-        return HubError(f"the Hub cannot be reached ({type(err).__name__}: {err})")
-    return err
+
+def validate_repo_id(name: str) -> str:
+    """A Hub repo name: ``name`` or ``org/name`` as the Hub allows them (checked before any network call).
+
+    Raises:
+        ValueError: with what is allowed.
+    """
+    from huggingface_hub.utils import validate_repo_id as hub_rules
+
+    try:
+        if not isinstance(name, str) or not name or name.count("/") > 1:
+            raise ValueError(name)
+        hub_rules(name)
+    except ValueError:
+        raise ValueError(
+            f"invalid Hub repo name {name!r}: use 'name' or 'org/name', each 1-96 letters, digits, '-', '_' or '.', "
+            "starting and ending with a letter or digit, without '--' or '..'"
+        ) from None
+    return name
+
+
+def _timeout(value: float | None) -> float:
+    if value is None:
+        raw = os.environ.get(TIMEOUT_ENV, "")
+        try:
+            value = float(raw) if raw.strip() else DEFAULT_TIMEOUT
+        except ValueError:
+            raise ValueError(f"${TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"the Hub timeout must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _text(err: BaseException, limit: int = 300) -> str:
+    """An error's message on one line, at most ``limit`` characters (the client's messages span lines)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP clients' own network errors (huggingface_hub 2.x: httpx2; 1.x: httpx; 0.x: requests)."""
+    found = []
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")):
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(getattr(importlib.import_module(module), name))
+    with contextlib.suppress(ImportError, AttributeError):
+        found.append(importlib.import_module("requests").Timeout)
+    return tuple(found)
 
 
 class HubZoo:
@@ -62,6 +102,15 @@ class HubZoo:
         token: a token; default huggingface_hub's login.
         private: create new repos private.
         cache_dir: where downloads are cached; default huggingface_hub's cache.
+        timeout: seconds to wait for the Hub to answer (connect and each read); default
+            ``$LIGHTNING_PEFT_HUB_TIMEOUT`` or 10.
+
+    Raises:
+        HubError: from every method when the Hub refuses; :class:`HubUnreachableError` when nothing answers.
+
+    Example:
+        >>> HubZoo(namespace="me", endpoint="http://127.0.0.1:1", timeout=2.5)
+        HubZoo(namespace='me', endpoint='http://127.0.0.1:1')
     """
 
     kind = "hub"
@@ -73,6 +122,7 @@ class HubZoo:
         token: str | None = None,
         private: bool = False,
         cache_dir: str | os.PathLike | None = None,
+        timeout: float | None = None,
     ) -> None:
         from huggingface_hub import HfApi
 
@@ -82,52 +132,219 @@ class HubZoo:
         self._namespace = namespace
         self.private = private
         self.cache_dir = str(cache_dir) if cache_dir is not None else None
+        self.timeout = _timeout(timeout)
 
     def __repr__(self) -> str:  # never shows the token
         return f"HubZoo(namespace={self._namespace!r}, endpoint={self.endpoint!r})"
 
     @property
+    def url(self) -> str:
+        """The endpoint this zoo talks to (the explicit one, else huggingface_hub's)."""
+        return str(self.api.endpoint).rstrip("/")
+
+    def _unreachable(self, err: BaseException) -> HubUnreachableError:
+        kind = type(err).__name__
+        reason = _text(err)
+        if "timeout" in kind.lower() or "timed out" in reason.lower():
+            what = f"did not answer within {self.timeout:g} s ({kind})"
+            hint = f"if it is only slow, raise the timeout (HubZoo(timeout=...), --timeout or ${TIMEOUT_ENV}); else "
+        else:
+            what = f"cannot be reached ({kind}: {reason})"
+            hint = ""
+        return HubUnreachableError(
+            f"the Hub at {self.url} {what}: {hint}check the endpoint (--endpoint / HF_ENDPOINT), the network and any "
+            "proxy, or set HF_HUB_OFFLINE=1 to work from the cache"
+        )
+
+    def _translate(self, err: Exception, repo_id: str, revision: str | None = None) -> Exception:
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        if isinstance(err, HubError):
+            return err
+        if type(err).__name__ == "LocalTokenNotFoundError":  # an OSError: before the network errors
+            return HubError(
+                f"no Hub token for {repo_id}: log in with `hf auth login`, set HF_TOKEN, or pass a token (and a "
+                "namespace, to publish without asking the Hub who you are)"
+            )
+        if isinstance(err, RevisionNotFoundError):
+            return HubError(f"revision {revision!r} of {repo_id} does not exist on the Hub at {self.url}")
+        if isinstance(err, RepositoryNotFoundError):
+            return HubError(
+                f"{repo_id} was not found on the Hub at {self.url} (or it is private and your token cannot see it)"
+            )
+        if isinstance(err, LocalEntryNotFoundError | OfflineModeIsEnabled):  # before EntryNotFoundError: a subclass
+            return HubError(
+                f"the Hub at {self.url} cannot be reached and {repo_id} is not in the local cache ({_text(err)})"
+            )
+        if isinstance(err, EntryNotFoundError):
+            return HubError(f"{repo_id} lacks a file the entry needs: {_text(err)}")
+        if isinstance(err, HfHubHTTPError):
+            status = getattr(err.response, "status_code", None)
+            if status in (401, 403):
+                return HubError(
+                    f"no permission for {repo_id} (HTTP {status}): log in with `hf auth login` or pass a token"
+                )
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__  # no server page
+            return HubError(f"the Hub at {self.url} answered HTTP {status} for {repo_id}: {first}")
+        if isinstance(err, _transport_errors() + (ConnectionError, TimeoutError)):
+            return self._unreachable(err)
+        if isinstance(err, OSError):
+            return HubError(f"the Hub at {self.url} cannot be reached ({type(err).__name__}: {_text(err)})")
+        return err
+
+    def _probe(self) -> None:
+        """One request with the timeout and no retries: fail fast when nothing answers (skipped offline)."""
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+
+        if constants.HF_HUB_OFFLINE:
+            return
+        try:
+            get_session().head(self.url + "/", timeout=self.timeout)
+        except _transport_errors() + (ConnectionError, TimeoutError) as err:
+            raise self._unreachable(err) from err
+
+    @contextlib.contextmanager
+    def _bounded(self) -> Iterator[None]:
+        """Meanwhile, every request huggingface_hub sends to the endpoint times out after ``timeout`` seconds.
+
+        And the client's retries after a network failure (same method and URL again, no answer to the first)
+        stop at once with :class:`HubUnreachableError`: they would sleep 1 + 2 + 4 + 8 + 8 s between
+        attempts. Retries after an HTTP answer (429, 5xx) go on as the client wants.
+        """
+        from huggingface_hub.utils import get_session
+
+        session = get_session()
+        hooks = getattr(session, "event_hooks", None)  # httpx clients (huggingface_hub >= 1); requests has none
+        if not isinstance(hooks, dict) or "request" not in hooks or "response" not in hooks:
+            yield
+            return
+        prefix, limit = self.url, self.timeout
+        unanswered: set[tuple[str, str]] = set()
+
+        def bound(request: Any) -> None:
+            url = str(request.url)
+            if not url.startswith(prefix):
+                return
+            if (request.method, url) in unanswered:
+                raise HubUnreachableError(
+                    f"the Hub at {prefix} stopped answering ({request.method} {url} got no answer within "
+                    f"{limit:g} s): check the endpoint and the network, or raise the timeout (HubZoo(timeout=...), "
+                    f"--timeout or ${TIMEOUT_ENV})"
+                )
+            unanswered.add((request.method, url))
+            given = request.extensions.get("timeout") or {}
+            request.extensions["timeout"] = {
+                k: limit if given.get(k) is None else min(given[k], limit) for k in ("connect", "read", "write", "pool")
+            }
+
+        def answered(response: Any) -> None:
+            unanswered.discard((response.request.method, str(response.request.url)))
+
+        hooks["request"].append(bound)
+        hooks["response"].append(answered)
+        try:
+            yield
+        finally:
+            for kind, hook in (("request", bound), ("response", answered)):
+                with contextlib.suppress(ValueError):
+                    hooks[kind].remove(hook)
+
+    @contextlib.contextmanager
+    def _call(self, name: str | None, revision: str | None = None) -> Iterator[str]:
+        """Probe, bound the timeouts, and translate every error of the block; yields the repo id of ``name``."""
+        subject = name or "the Hub"
+        try:
+            self._probe()
+            with self._bounded():
+                if name is not None:
+                    subject = self.repo_id(name)
+                yield subject
+        except Exception as err:  # noqa: BLE001 - translated
+            translated = self._translate(err, subject, revision)
+            if translated is err:
+                raise
+            raise translated from err
+
+    def check(self) -> None:
+        """Fail now if the Hub does not answer (or, without a namespace, the login is missing); no-op offline.
+
+        Offline means ``HF_HUB_OFFLINE`` is set: offline by choice, nothing is checked.
+
+        Raises:
+            HubUnreachableError: nothing answers at the endpoint within the timeout.
+            HubError: the token is refused.
+        """
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return
+        with self._call(None):
+            _ = self.namespace
+
+    @property
     def namespace(self) -> str:
         if self._namespace is None:
-            try:
+            with self._call(None):
                 self._namespace = self.api.whoami()["name"]
-            except Exception as err:  # noqa: BLE001 - translated
-                raise _translate(err, "whoami") from err
         return self._namespace
 
     def repo_id(self, name: str) -> str:
-        return name if "/" in name else f"{self.namespace}/{name}"
+        return validate_repo_id(name if "/" in name else f"{self.namespace}/{name}")
 
     def publish(self, folder: str | os.PathLike, name: str) -> str:
         """Create the repo if needed and upload the entry folder as one commit. Returns the commit sha."""
+        validate_repo_id(name)
         verify_files(folder)
-        repo_id = self.repo_id(name)
-        try:
+        with self._call(name) as repo_id:
             self.api.create_repo(repo_id, repo_type="model", private=self.private, exist_ok=True)
             info = self.api.upload_folder(
                 repo_id=repo_id, folder_path=str(folder), commit_message="lightning-peft publish"
             )
-        except Exception as err:  # noqa: BLE001 - translated
-            raise _translate(err, repo_id) from err
         return info.oid
 
-    def download(self, name: str, revision: str | None = None) -> Path:
-        """Snapshot of the entry at ``revision`` (default ``main``) in the cache, every file checked."""
+    def _snapshot(self, repo_id: str, revision: str | None, local_only: bool) -> Path:
         from huggingface_hub import snapshot_download
 
-        repo_id = self.repo_id(name)
-        try:
-            path = Path(
-                snapshot_download(
-                    repo_id, revision=revision, cache_dir=self.cache_dir, endpoint=self.endpoint, token=self._token
-                )
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=self.cache_dir,
+                endpoint=self.endpoint,
+                token=self._token,
+                local_files_only=local_only,
             )
-        except Exception as err:  # noqa: BLE001 - translated
-            raise _translate(err, repo_id, revision) from err
+        )
+
+    def download(self, name: str, revision: str | None = None) -> Path:
+        """Snapshot of the entry at ``revision`` (default ``main``) in the cache, every file checked.
+
+        When nothing answers at the endpoint, a revision already in the cache is used.
+        """
+        validate_repo_id(name)
+        try:
+            with self._call(name, revision) as repo_id:
+                path = self._snapshot(repo_id, revision, local_only=False)
+        except HubUnreachableError as unreachable:
+            if "/" not in name and self._namespace is None:
+                raise
+            repo_id = self.repo_id(name)
+            try:
+                path = self._snapshot(repo_id, revision, local_only=True)
+            except Exception:  # noqa: BLE001 - not cached: the Hub's error is the one to report
+                raise HubUnreachableError(f"{unreachable}; {repo_id} is not in the local cache either") from unreachable
         try:
             verify_files(path)
         except EntryError:
-            shutil.rmtree(path, ignore_errors=True)  # do not keep a bad snapshot in the cache
+            _evict(path)  # do not keep a bad snapshot (nor its bad blobs) in the cache
             raise
         return path
 
@@ -167,19 +384,35 @@ class HubZoo:
     ) -> builtins.list[EntryInfo]:
         """Repos tagged ``lightning-peft`` (and ``method``), by any author unless given, whose id contains ``query``."""
         tags = ["lightning-peft"] + ([method] if method else [])
-        try:
-            models = self.api.list_models(filter=tags, author=author, search=query)
-            rows = self._rows(models)
-        except Exception as err:  # noqa: BLE001 - translated
-            raise _translate(err, author or "the Hub") from err
+        with self._call(None):
+            rows = self._rows(self.api.list_models(filter=tags, author=author, search=query))
         if base_model:
             rows = [r for r in rows if r.base_model == base_model]
         return rows
 
     def rm(self, name: str) -> None:
         """Delete the entry's repo."""
-        repo_id = self.repo_id(name)
-        try:
+        validate_repo_id(name)
+        with self._call(name) as repo_id:
             self.api.delete_repo(repo_id, repo_type="model")
-        except Exception as err:  # noqa: BLE001 - translated
-            raise _translate(err, repo_id) from err
+
+
+def _evict(snapshot: Path) -> None:
+    """Delete a snapshot that failed its check, with the cached blobs of its bad files, so a retry fetches them again.
+
+    Bad: a file whose sha256 differs from the manifest, a pickle, or every file when the manifest is unreadable.
+    Blobs of good files stay (other cached revisions may share them).
+    """
+    try:
+        expected: dict[str, str] | None = dict(read_manifest(snapshot)["files"])
+    except (EntryError, KeyError, TypeError, ValueError):
+        expected = None
+    for file in snapshot.rglob("*"):
+        if not file.is_file():
+            continue
+        rel = file.relative_to(snapshot).as_posix()
+        bad = expected is None or file.suffix in _PICKLES or (rel in expected and sha256_file(file) != expected[rel])
+        blob = file.resolve()
+        if bad and blob != file.absolute():  # the cache's snapshot files are links into blobs/
+            blob.unlink(missing_ok=True)
+    shutil.rmtree(snapshot, ignore_errors=True)
