@@ -28,6 +28,7 @@ _LAZY = {
     "ID3": "lightning_peft.callbacks",
     "SaRA": "lightning_peft.callbacks",
     "SelectiveDDPStrategy": "lightning_peft.strategies",
+    "shard": "lightning_peft.distributed",
     "ZooPublisher": "lightning_peft.callbacks",
     "AdaLoRAConfig": "lightning_peft.adapters",
     "LoRAConfig": "lightning_peft.adapters",

@@ -28,7 +28,13 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "is_distributed",
+    "is_dtensor",
+    "is_sharded",
+    "mark_replicated",
     "rank_zero_only",
+    "reduce_replicated_grads",
+    "replicated_params",
+    "shard",
     "seeded_generator",
     "stable_seed",
     "unwrapped_class",
@@ -200,3 +206,122 @@ def seeded_generator(seed: int, step: int, device: str | torch.device = "cpu") -
     gen = torch.Generator(device=device)
     gen.manual_seed(stable_seed(seed, step))
     return gen
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2
+#: attribute of a parameter that must stay whole on every rank under FSDP2 (set by :func:`mark_replicated`)
+_REPLICATED = "_lightning_peft_replicated"
+#: attribute of a module :func:`shard` sharded: the parameters it left whole, whose gradients we average
+_KEPT_WHOLE = "_lightning_peft_kept_whole"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def mark_replicated(params: Any) -> None:
+    """Ask :func:`shard` to keep these parameters whole (replicated) on every rank instead of sharding them.
+
+    For small tensors a method must see whole on every rank (AdaLoRA's triplets, the sparse bank): they are left
+    out of FSDP2 (its ``ignored_params``), and their gradients are averaged by :func:`reduce_replicated_grads`.
+    """
+    for param in params:
+        setattr(param, _REPLICATED, True)
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (a shard of a parameter FSDP2 manages)."""
+    return hasattr(tensor, "full_tensor") and hasattr(tensor, "_local_tensor")
+
+
+def shard(
+    module: torch.nn.Module,
+    mesh: Any = None,
+    block_path: str | None = None,
+    reshard_after_forward: bool = True,
+    param_dtype: str | None = None,
+    reduce_dtype: str | None = None,
+) -> torch.nn.Module:
+    """Shard ``module`` with FSDP2: ``fully_shard`` on each repeated block, then on ``module`` itself.
+
+    Call it from ``configure_model`` under Lightning's ``ModelParallelStrategy`` (after the method callbacks
+    injected their adapters in ``setup``)::
+
+        def configure_model(self):
+            lightning_peft.shard(self.model, self.device_mesh)
+
+    The blocks are the backbone preset's (``block_path`` overrides, as for LISA). Parameters marked by
+    :func:`mark_replicated` (AdaLoRA's adapters, the sparse methods' bank) are kept whole on every rank; the
+    method callbacks average their gradients themselves. The ``lightning_peft.tasks`` modules call this for
+    you whenever the strategy gives them a device mesh, so a recipe only names the strategy.
+
+    Args:
+        module: what to shard, usually the backbone (``self.model``).
+        mesh: a 1-D ``DeviceMesh`` of the data-parallel ranks, or Lightning's ``self.device_mesh`` (its
+            ``"data_parallel"`` dimension is used). None: FSDP2's default (all ranks).
+        block_path: dotted path of the block list inside ``module``; default the preset's.
+        reshard_after_forward: free the gathered weights after each block's forward (FSDP2's default, less
+            memory) or keep them until the backward (fewer all-gathers).
+        param_dtype: ``"bfloat16"``/``"float16"``/``"float32"``: compute dtype of the gathered weights
+            (FSDP2's ``MixedPrecisionPolicy``); None keeps the parameters' dtype.
+        reduce_dtype: dtype of the gradient reduce-scatter; None follows ``param_dtype``.
+
+    Returns:
+        ``module``, sharded in place.
+
+    Raises:
+        NotImplementedError: the mesh has a tensor-parallel dimension larger than 1, or this torch has no
+            ``fully_shard`` with ``ignored_params`` (torch >= 2.7).
+        ValueError: an unknown dtype name.
+    """
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError as err:  # pragma: no cover - old torch
+        raise NotImplementedError("lightning_peft.shard needs torch.distributed.fsdp.fully_shard (FSDP2)") from err
+    from lightning_peft.backbones import find_blocks  # here: backbones sits above this module
+
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise NotImplementedError(
+            "lightning-peft shards data-parallel only: use ModelParallelStrategy(tensor_parallel_size=1); tensor "
+            "parallelism would split the adapters' and the sparse methods' tensors across ranks"
+        )
+    if "data_parallel" in names:
+        mesh = mesh["data_parallel"]
+    for name in (param_dtype, reduce_dtype):
+        if name is not None and name not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or None, got {name!r}")
+    policy = MixedPrecisionPolicy(
+        param_dtype=_DTYPES[param_dtype] if param_dtype else None,
+        reduce_dtype=_DTYPES[reduce_dtype] if reduce_dtype else None,
+    )
+    whole = [p for p in module.parameters() if getattr(p, _REPLICATED, False)]
+    options: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, "mp_policy": policy}
+    if whole:
+        options["ignored_params"] = set(whole)
+    for block in find_blocks(module, block_path).modules:
+        fully_shard(block, **options)
+    fully_shard(module, **options)
+    module.__dict__[_KEPT_WHOLE] = whole
+    return module
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether ``fully_shard`` has been applied to ``module`` itself."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def replicated_params(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters :func:`shard` kept whole somewhere inside ``module`` (empty if nothing was sharded)."""
+    return [p for m in module.modules() for p in m.__dict__.get(_KEPT_WHOLE, ())]
+
+
+def reduce_replicated_grads(module: torch.nn.Module) -> None:
+    """Average the gradients of the parameters :func:`shard` kept whole, across ranks (FSDP2 leaves them alone).
+
+    Call it once per optimizer step, after the backward and before anything reads those gradients
+    (``on_before_optimizer_step``); nothing happens on one process or when nothing was kept whole.
+    """
+    grads = [p.grad for p in replicated_params(module) if p.grad is not None]
+    all_reduce_coalesced(grads, "mean")

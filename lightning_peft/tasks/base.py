@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_peft import distributed
 from lightning_peft.tasks.loading import ResumableDataLoader
 
-__all__ = ["ClassifierSteps", "TensorSplitDataModule", "TrainableAdamW"]
+__all__ = ["ClassifierSteps", "ShardedByStrategy", "TensorSplitDataModule", "TrainableAdamW"]
 
 
 class TensorSplitDataModule(pl.LightningDataModule):
@@ -46,7 +47,20 @@ class TensorSplitDataModule(pl.LightningDataModule):
         return self.val_dataloader()
 
 
-class TrainableAdamW:
+class ShardedByStrategy:
+    """``configure_model``: under ``ModelParallelStrategy`` (FSDP2) shard ``self.model`` with
+    :func:`lightning_peft.shard` (its blocks, then itself); under any other strategy do nothing. So a recipe
+    trains sharded by naming the strategy alone."""
+
+    def configure_model(self) -> None:
+        mesh = getattr(self, "device_mesh", None)  # set by ModelParallelStrategy only
+        model = getattr(self, "model", None)
+        if mesh is None or model is None or distributed.is_sharded(model):
+            return  # not sharded training, or sharded already (a second fit/validate of the same module)
+        distributed.shard(model, mesh)
+
+
+class TrainableAdamW(ShardedByStrategy):
     """``configure_optimizers``: AdamW over the parameters that require grad *when it runs* (after a callback's
     ``setup`` chose them; LISA relies on it). Needs ``lr`` and ``weight_decay`` attributes."""
 
