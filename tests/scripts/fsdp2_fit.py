@@ -26,7 +26,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import lightning_peft  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
@@ -34,6 +33,8 @@ from lit_helpers import FamilyModule, SeedDataset, quiet_trainer  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tiny_models import forward  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
+
+import lightning_peft  # noqa: E402
 
 FAMILY = "llama"
 N_SEEDS = 8  # 4 optimizer steps an epoch on 2 ranks (and on one process with 2 seeds a batch)
