@@ -156,7 +156,9 @@ def _unsynced_buffers(model: nn.Module) -> list[torch.Tensor]:
     return [b for m in model.modules() if not getattr(m, "buffers_in_sync", False) for b in m.buffers(recurse=False)]
 
 
-def check_dynamic_strategy(strategy: object, who: str, trainable_changes: bool = False) -> None:
+def check_dynamic_strategy(
+    strategy: object, who: str, trainable_changes: bool = False, sharded_ok: bool = False
+) -> None:
     """Refuse, before training, the strategies a method that changes what trains is not run under.
 
     One device and :class:`SelectiveDDPStrategy` are fine. What plain DDP does depends on the method
@@ -179,6 +181,8 @@ def check_dynamic_strategy(strategy: object, who: str, trainable_changes: bool =
         strategy: the trainer's strategy.
         who: the method's name, for the message.
         trainable_changes: whether the method changes which parameters require grad during training.
+        sharded_ok: the method supports FSDP2 (Lightning's ``ModelParallelStrategy`` with data parallelism only;
+            :func:`lightning_peft.shard` refuses tensor parallelism).
 
     Raises:
         NotImplementedError: naming what happens and the strategy to use instead.
@@ -186,6 +190,8 @@ def check_dynamic_strategy(strategy: object, who: str, trainable_changes: bool =
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
     if isinstance(strategy, SelectiveDDPStrategy | SingleDeviceStrategy):
+        return
+    if sharded_ok and type(strategy).__name__ == "ModelParallelStrategy":
         return
     use = "Use strategy='ddp_selective' (lightning_peft.strategies.SelectiveDDPStrategy): it all-reduces exactly "
     if isinstance(strategy, DDPStrategy) and trainable_changes:
