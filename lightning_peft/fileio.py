@@ -29,16 +29,20 @@ class StorageError(OSError):
         return str(self.strerror if self.strerror is not None else super().__str__())
 
 
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest parent that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def mount_of(path: str | os.PathLike) -> tuple[str, str]:
     """``(device, mount point)`` of the file system holding ``path`` (or its nearest existing parent).
 
     The device is the mount's source as ``/proc/self/mounts`` lists it (e.g. ``/dev/nvme0n1p2``,
     ``tmpfs``); where that cannot be read it is the mount point itself.
     """
-    probe = Path(os.path.abspath(path))
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    mount = probe
+    mount = _existing(Path(os.path.abspath(path)))
     while not os.path.ismount(mount) and mount != mount.parent:
         mount = mount.parent
     try:
@@ -78,15 +82,20 @@ def storage_error(err: OSError, path: str | os.PathLike, doing: str) -> StorageE
 
 
 def check_writable(folder: str | os.PathLike, doing: str) -> Path:
-    """Create ``folder`` if needed and prove a file can be written in it (then removed). Returns the folder.
+    """Prove that ``folder`` can be written (or created) without creating anything. Returns the folder.
+
+    A probe file is written and removed in ``folder`` or, if it does not exist yet, in its nearest
+    existing parent.
 
     Raises:
-        StorageError: it cannot be created or written, with the reason in one line.
+        StorageError: it cannot be written, with the reason in one line.
     """
-    folder = Path(folder)
+    folder = Path(os.path.abspath(folder))
+    probe = _existing(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+        if not probe.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{probe} is a file", str(probe))
+        fd, name = tempfile.mkstemp(prefix=".write-check-", dir=probe)
         try:
             os.write(fd, b"x")
         finally:

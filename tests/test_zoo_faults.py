@@ -593,6 +593,16 @@ def test_publisher_keeps_the_result_when_the_hub_goes_away(hub, tmp_path, monkey
         assert again.repo_ids() == [f"{hub.user}/vit-lora"]
 
 
+@pytest.mark.parametrize("keep_entry", [False, True])
+def test_a_published_entry_leaves_no_copy_behind_unless_kept(keep_entry: bool, tmp_path) -> None:
+    publisher = ZooPublisher(name="vit-lora", root=str(tmp_path / "zoo"), keep_entry=keep_entry)
+    fit(tmp_path, publisher, Spy())
+    assert [e.name for e in LocalZoo(tmp_path / "zoo").list()] == ["vit-lora"]
+    entries = tmp_path / "run" / "zoo-entries"
+    assert publisher.kept == (entries / "vit-lora" if keep_entry else None)
+    assert (entries / "vit-lora" / "lightning_peft.json").is_file() if keep_entry else not entries.exists()
+
+
 def test_publisher_keeps_the_result_when_the_disk_fills_up(tmp_path, monkeypatch) -> None:
     root = tmp_path / "zoo"
     disk: list[DiskBudget] = []
@@ -635,6 +645,25 @@ def test_publisher_checks_a_read_only_folder_before_training(where: str, read_on
     with pytest.raises(OSError, match="read-only|no permission"):
         fit(tmp_path, ZooPublisher(name="vit-lora", **kwargs), spy)
     assert not spy.trained
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["setup", "publish"])
+def test_under_ddp_every_rank_raises_the_same_error_and_none_hangs(case: str, tmp_path) -> None:
+    """``setup``: the Hub is a closed port, refused before training; ``publish``: rank 0's publish fails at the end."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    script = Path(__file__).parent / "scripts" / "ddp_zoo_faults.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), case], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[0] == got[1]
+    if case == "setup":
+        assert got[0]["error"] == "HubUnreachableError" and got[0]["step"] == 0
+    else:
+        assert got[0]["error"] == "PublishError" and got[0]["step"] > 0
+        assert zoo.verify_files(tmp_path / "zoo-entries" / "ddp-vit")["method"] == "lora"
 
 
 def test_zzz_print_times() -> None:

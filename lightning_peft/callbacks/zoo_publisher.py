@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -204,6 +205,8 @@ class ZooPublisher(Callback):
             self.kept = final
         else:
             shutil.rmtree(final, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                final.parent.rmdir()  # the default folder, when nothing else is kept there
         where = target.root / self.name if isinstance(target, LocalZoo) else target.repo_id(self.name)
         rank_zero_info(
             f"ZooPublisher: published {self.name!r} revision {revision[:12]} ({len(pictures)} picture(s)) to {where}"
