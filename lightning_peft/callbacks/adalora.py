@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_peft import distributed
 from lightning_peft.adapters import AdaLoRAConfig, LoRAConfig, SVDLoRALayer, adapter_layers
 from lightning_peft.callbacks.backbone import resolve_backbone
 from lightning_peft.callbacks.lora import LoRA
@@ -22,7 +23,8 @@ __all__ = ["AdaLoRA"]
 class AdaLoRA(LoRA):
     """Fine-tune with AdaLoRA: ``W + B·diag(E)·A·alpha/r`` adapters whose ranks are re-allocated by importance.
 
-    Hooks: ``setup`` injects SVD adapters (as :class:`LoRA` does) and refuses FSDP2; ``on_train_start``
+    Hooks: ``setup`` injects SVD adapters (as :class:`LoRA` does) and marks them to be kept whole under
+    FSDP2 (:func:`lightning_peft.distributed.mark_replicated`); ``on_train_start``
     builds the :class:`~lightning_peft.methods.adalora.RankAllocator` (``total_step`` defaults to
     ``trainer.estimated_stepping_batches``; a schedule that does not fit the run is refused there and the
     adapters injected in ``setup`` are taken out again), applies state restored from a checkpoint and reads
@@ -39,7 +41,10 @@ class AdaLoRA(LoRA):
 
     Steps are optimizer steps (``trainer.global_step``), never micro-batches. On several ranks every
     rank sees the same all-reduced gradients and parameters, so every rank computes the same scores
-    and masks with no extra communication (a test compares them at every masking step).
+    and masks with no extra communication (a test compares them at every masking step). Under FSDP2
+    (:func:`lightning_peft.shard` in ``configure_model``) the base weights are sharded and the adapters
+    are kept whole on every rank: the callback averages their gradients across ranks before it scores
+    them, so scores, masks and the shrunk adapters equal a one-process run's.
 
     Args:
         r: initial rank of every adapted layer (peft's ``init_r``).
@@ -64,7 +69,8 @@ class AdaLoRA(LoRA):
         ValueError: on construction for out-of-range values (``target_r > r``, betas outside (0, 1),
             ``deltaT < 1``, ``tinit + tfinal >= total_step``); at fit start for a schedule that does not
             fit the run; on resume for allocator state that does not match the adapters.
-        NotImplementedError: under FSDP2 (``ModelParallelStrategy``), before training starts.
+        NotImplementedError: under FSDP2, adapters that were sharded (not kept whole by :func:`lightning_peft.shard`),
+            before training starts.
 
     Example:
         >>> import lightning as L
@@ -119,13 +125,29 @@ class AdaLoRA(LoRA):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if type(trainer.strategy).__name__ == "ModelParallelStrategy":
-            raise NotImplementedError(
-                "AdaLoRA under FSDP2 (ModelParallelStrategy) is not supported yet: its importance scores need whole "
-                "adapter tensors and the masks would be applied to shards. Use strategy='ddp' (adapters are small, "
-                "so replicating them costs little), or the LoRA callback."
-            )
         super().setup(trainer, pl_module, stage)
+        # Importance scores and masks need whole triplets: under FSDP2, lightning_peft.shard keeps these small
+        # tensors whole on every rank (their gradients averaged in on_before_optimizer_step); the base is sharded.
+        root, _, _ = resolve_backbone(pl_module, self.backbone)
+        distributed.mark_replicated(p for _, layer in adapter_layers(root) for p in layer.parameters(recurse=False))
+
+    def _check_whole(self, pl_module: pl.LightningModule, layers: list[tuple[str, SVDLoRALayer]]) -> None:
+        """Under FSDP2 the adapters must have been kept whole (by lightning_peft.shard), not sharded.
+
+        Checked against what :func:`lightning_peft.shard` kept whole, not by tensor type: between a forward and
+        the backward FSDP2 leaves the gathered (plain) tensors registered on the modules.
+        """
+        if not any(distributed.is_sharded(m) for m in pl_module.modules()):
+            return
+        whole = {id(p) for p in distributed.replicated_params(pl_module)}
+        sharded = [n for n, layer in layers if any(id(p) not in whole for p in layer.parameters(recurse=False))]
+        if sharded:
+            raise NotImplementedError(
+                f"AdaLoRA: the adapters of {sharded[0]} (and {len(sharded) - 1} more) were sharded by FSDP2, but "
+                "importance scores and masks need whole triplets. Shard with lightning_peft.shard(self.model, "
+                "self.device_mesh) in configure_model: it keeps AdaLoRA's adapters whole on every rank and shards the "
+                "base weights"
+            )
 
     @override
     def settings(self, config: LoRAConfig) -> dict[str, Any]:
@@ -144,6 +166,8 @@ class AdaLoRA(LoRA):
         # optimizer step), and estimated_stepping_batches builds the train loader before its saved place in the epoch
         # is known, so a resumable loader never gets it back (Lightning issue #20550).
         super().on_train_start(trainer, pl_module)
+        layers = self._layers(pl_module)
+        self._check_whole(pl_module, layers)
         config: AdaLoRAConfig = self.config  # type: ignore[assignment]
         planned = trainer.estimated_stepping_batches
         total = self.total_step
@@ -160,7 +184,7 @@ class AdaLoRA(LoRA):
             )
         config.check_total_step(total)
         config.total_step = total
-        self.allocator = RankAllocator(self._layers(pl_module), config, total_step=total)
+        self.allocator = RankAllocator(layers, config, total_step=total)
         if self._pending is not None:
             self.allocator.load_state_dict(self._pending)
             self._pending = None
@@ -173,6 +197,7 @@ class AdaLoRA(LoRA):
         alloc = self.allocator
         if alloc is None:
             return
+        distributed.reduce_replicated_grads(pl_module)  # FSDP2: the whole adapters' gradients, averaged over ranks
         self.penalty = alloc.add_orthogonal_grad()  # part of the gradient, as in peft's loss, before scoring
         if alloc.wants_importance(trainer.global_step):
             alloc.update_importance()
@@ -220,6 +245,18 @@ class AdaLoRA(LoRA):
             for logger in trainer.loggers:
                 logger.log_metrics({"adalora/final_ranks": float(sum(ranks.values()))}, step=trainer.global_step)
         super().on_fit_end(trainer, pl_module)
+
+    @override
+    def schedule(self) -> dict[str, Any]:
+        """The final ranks per layer and the budget history ``[step, kept]`` (after fit), for the zoo manifest."""
+        if not self.outcome:
+            return {}
+        history = [[int(step), int(kept)] for step, kept in self.outcome["history"]]
+        return {
+            "ranks": dict(self.outcome["ranks"]),
+            "history": history,
+            "target_budget": self.outcome["target_budget"],
+        }
 
     @override
     def write_pictures(self, folder: Path) -> list[Path]:

@@ -5,13 +5,15 @@
 
 * ``fsdp2``: 2 processes, ``ModelParallelStrategy`` + :func:`lightning_peft.shard` (the ``configure_model`` of
   ``lightning_peft.tasks``' modules does the same), ``EPOCHS`` epochs of 4 optimizer steps, one seed per rank per step;
-* ``first``: the same, 1 epoch, then ``trainer.save_checkpoint(OUT/ckpt)`` (a distributed checkpoint: a folder);
-* ``resume``: the same from ``OUT/ckpt`` to the end;
+* ``first``: the same with a checkpoint at the end of the first epoch (``OUT/ckpt.ckpt``, a distributed checkpoint:
+  a folder); at the start of the second epoch every rank SIGKILLs itself (no hook runs, as in a preemption);
+* ``resume``: the same from ``OUT/ckpt.ckpt`` to the end;
 * ``single``: one unsharded process on the union of both ranks' batches per step (seeds ``[2k, 2k+1]``: what
   Lightning's ``DistributedSampler`` gives rank 0 and rank 1 at step ``k``), so the mean loss is the same.
 
 Each process writes ``OUT/rank<R>.safetensors``: ``param.<name>`` every backbone parameter gathered in full at
-the end of fit (after the method's own ``on_fit_end``) and ``logits`` on fixed inputs; and ``OUT/rank<R>.pt``:
+the end of fit (after the method's own ``on_fit_end``), ``buffer.<name>`` the sparse methods' buffers (``sparse_`` in
+the name: selected indices, slots, ...) and ``logits`` on fixed inputs; and ``OUT/rank<R>.pt``:
 the method callback's ``state_dict()`` (its decisions: masks, draws, selections), ``schedule()``, the step and
 whether each parameter was a DTensor.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -28,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from lit_helpers import FamilyModule, SeedDataset, quiet_trainer  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tiny_models import forward  # noqa: E402
@@ -64,6 +67,13 @@ class Module(FamilyModule):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
 
 
+class Killer(Callback):
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 1:
+            dist.barrier()  # the checkpoint of epoch 0 is complete on every rank
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class Record(Callback):
     def __init__(self, out: Path, method: Callback) -> None:
         self.out, self.method, self.info = out, method, {}
@@ -73,18 +83,27 @@ class Record(Callback):
             n: lightning_peft.distributed.is_dtensor(p) for n, p in pl_module.model.named_parameters()
         }
 
+    def on_train_end(self, trainer, pl_module) -> None:  # before the methods' on_fit_end lets their cores go
+        self.info["state"] = self.method.state_dict()
+
     def on_fit_end(self, trainer, pl_module) -> None:
         rank = trainer.global_rank
         tensors = {
             f"param.{n}": lightning_peft.distributed.full_tensor(p.detach()).clone().contiguous()
             for n, p in pl_module.model.named_parameters()
         }
+        tensors.update(  # the sparse methods' decisions (indices, slots, ...) live in buffers, not in state_dict()
+            {
+                f"buffer.{n}": b.detach().clone().contiguous()
+                for n, b in pl_module.model.named_buffers()
+                if "sparse_" in n
+            }
+        )
         with torch.no_grad():  # collective under FSDP2: every rank runs it
             tensors["logits"] = forward(FAMILY, pl_module.model, batch=2, seed=LOGIT_SEED).detach().clone()
         save_file(tensors, str(self.out / f"rank{rank}.safetensors"))
         torch.save(
             {
-                "state": self.method.state_dict(),
                 "schedule": self.method.schedule(),
                 "step": trainer.global_step,
                 "world_size": trainer.world_size,
@@ -104,7 +123,7 @@ def main() -> None:
     sharded = mode != "single"
     module = Module(per_step=1 if sharded else 2)
     kwargs: dict = {
-        "max_epochs": 1 if mode == "first" else EPOCHS,
+        "max_epochs": EPOCHS,
         "limit_val_batches": 0,
         "use_distributed_sampler": False,
     }
@@ -112,10 +131,12 @@ def main() -> None:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         kwargs.update(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), devices=2)
-    trainer = quiet_trainer(callbacks=[method, Record(out, method)], **kwargs)
-    trainer.fit(module, ckpt_path=str(out / "ckpt") if mode == "resume" else None)
+    callbacks = [method, Record(out, method)]
     if mode == "first":
-        trainer.save_checkpoint(out / "ckpt")
+        callbacks += [ModelCheckpoint(dirpath=out, filename="ckpt", every_n_epochs=1, save_top_k=-1), Killer()]
+        kwargs["enable_checkpointing"] = True
+    trainer = quiet_trainer(callbacks=callbacks, **kwargs)
+    trainer.fit(module, ckpt_path=str(out / "ckpt.ckpt") if mode == "resume" else None)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
