@@ -580,14 +580,47 @@ def test_wrapped_module_attributes_stay_readable() -> None:
         model[0].no_such_attribute  # noqa: B018
 
 
-def test_dtensor_weights_are_refused() -> None:
+def test_already_sharded_weights_are_refused() -> None:
     class DTensor(torch.Tensor):  # stands in for torch.distributed.tensor.DTensor (checked by name)
         pass
 
     layer = nn.Linear(2, 2)
     layer.weight = nn.Parameter(torch.zeros(2, 2).as_subclass(DTensor))
-    with pytest.raises(NotImplementedError, match="FSDP2"):
+    with pytest.raises(NotImplementedError, match="already sharded.*inject sparse deltas into the unsharded model"):
         inject_sparse(nn.Sequential(layer), {"0": ("weight",)}, 4)
+
+
+class _Shard:
+    """What the FSDP2 writes read of a DTensor: FSDP2's dim-0 chunk of a (rows x cols) tensor held by ``rank``."""
+
+    def __init__(self, full: torch.Tensor, rank: int, world: int) -> None:
+        from types import SimpleNamespace
+
+        chunk = -(-full.shape[0] // world)
+        self.shape, self._full = full.shape, full
+        self._local_tensor = full[rank * chunk : (rank + 1) * chunk].clone()
+        self.placements = (SimpleNamespace(is_shard=lambda dim: dim == 0),)
+        self.device_mesh = SimpleNamespace(size=lambda: world, get_local_rank=lambda: rank)
+
+    def numel(self) -> int:
+        return self._full.numel()
+
+    def full_tensor(self) -> torch.Tensor:  # marks it as a DTensor for the sparse module
+        raise AssertionError("the writes must not gather")
+
+
+@pytest.mark.parametrize("rows", [5, 6, 1])
+def test_fsdp2_writes_go_to_the_owning_shard_only(rows: int) -> None:
+    from lightning_peft.adapters.sparse import _write_entries
+
+    full = torch.arange(rows * 3, dtype=torch.float32).view(rows, 3)
+    positions = torch.arange(0, rows * 3, 2)
+    expected = full.clone()
+    expected.view(-1)[positions] = -1.0
+    shards = [_Shard(full, rank, 2) for rank in (0, 1)]
+    for shard in shards:
+        _write_entries(shard, positions, torch.full((positions.numel(),), -1.0))  # type: ignore[arg-type]
+    assert torch.equal(torch.cat([s._local_tensor for s in shards]), expected)  # uneven rows: the last chunk is short
 
 
 def test_bank_bookkeeping() -> None:
@@ -645,3 +678,37 @@ def test_tiny_model_table_train_save_apply_resume(family: str) -> None:
     resumed.load_state_dict(model.state_dict())
     torch.testing.assert_close(forward(family, resumed), tuned)
     assert inputs  # the family's inputs exist (forward() builds the same ones)
+
+
+def test_grad_hook_gets_the_sum_over_uses_once() -> None:
+    """A layer called twice in one forward: one hook call, with the whole gradient (not the last use's share)."""
+    _ = torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 3))
+    reference = nn.Linear(3, 3)
+    reference.load_state_dict(net[0].state_dict())
+    inject_sparse(net, {"0": ("weight",)}, 4)
+    layer = dict(sparse_layers(net))["0"]
+    seen: list[torch.Tensor] = []
+    layer.grad_hook = lambda _layer, _name, grad: seen.append(grad.clone())
+    x = torch.randn(2, 3)
+    (net(net(x)).sum() + net(x).pow(2).sum()).backward()
+    (reference(reference(x)).sum() + reference(x).pow(2).sum()).backward()
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], reference.weight.grad)
+    layer.grad_hook = None
+
+
+def test_flush_grad_hook_delivers_uses_without_a_backward() -> None:
+    net = nn.Sequential(nn.Linear(3, 3))
+    inject_sparse(net, {"0": ("weight",)}, 4)
+    layer = dict(sparse_layers(net))["0"]
+    seen: list[torch.Tensor] = []
+    layer.grad_hook = lambda _layer, _name, grad: seen.append(grad.clone())
+    x = torch.randn(2, 3)
+    unused = net(x)  # noqa: F841 - its output never reaches the loss
+    net(x).sum().backward()
+    assert seen == []  # one of two uses came back: the hook waits for the other
+    layer.flush_grad_hook()
+    assert len(seen) == 1 and torch.allclose(seen[0], torch.ones(3, 1) * x.sum(0))
+    layer.flush_grad_hook()
+    assert len(seen) == 1

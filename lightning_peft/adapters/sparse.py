@@ -47,8 +47,19 @@ of :mod:`lightning_peft.adapters.delta`; :func:`apply_sparse_delta` adds them on
 after checking everything. A model ``state_dict`` (a training checkpoint) holds the grown buffers;
 :meth:`SparseDeltaLayer._load_from_state_dict` resizes them, so a freshly injected model resumes it.
 
-Not supported: DTensor weights (FSDP2); tied weights (:func:`inject_sparse` refuses a tensor used under two
-names).
+**FSDP2.** Inject into the unsharded model, then shard it (``lightning_peft.shard``): the bank's
+``values`` is marked replicated (:func:`lightning_peft.distributed.mark_replicated`), so it stays whole on
+every rank and its gradient is averaged by the caller; indices stay global flat positions into the full
+tensor. In forward and backward FSDP2 puts its all-gathered (unsharded) weight on the module, so the tap
+sees the whole dense gradient of this rank's batch. Writes of learned values go into the tensor on the
+module *and* into this rank's shard (``DTensor._local_tensor``, FSDP2's all-gather input): the unsharded
+tensor is freed after the pass, and a block resharded after forward is gathered again from the shards
+for its backward. Reading the pretrained value of a new entry asks its owner (a sum all-reduce of O(new)
+values). In a distributed checkpoint the grown buffers travel as safetensors bytes (a distributed
+checkpoint loads into tensors of the current sizes and refuses any other).
+
+Not supported: weights sharded before injection; sharding other than FSDP2's dim 0 on a 1-D mesh (tensor
+parallelism); tied weights (:func:`inject_sparse` refuses a tensor used under two names).
 
 Example:
     >>> from torch import nn
@@ -77,6 +88,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from lightning_peft import distributed
 from lightning_peft.adapters.targeting import is_conv1d
 
 __all__ = [
@@ -107,9 +119,89 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 def _no_dtensor(tensor: torch.Tensor, where: str) -> None:
     if _is_dtensor(tensor):
         raise NotImplementedError(
-            f"{where} is a DTensor (FSDP2 / tensor parallel): sparse deltas are not supported under FSDP2; "
-            "train ID3/SaRA with DDP or a single device"
+            f"{where} is a DTensor (already sharded): inject sparse deltas into the unsharded model, then shard it "
+            "(the ID3/SaRA callbacks inject in setup; shard with lightning_peft.shard from configure_model), and load "
+            "a saved delta onto an unsharded model"
         )
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2 shards
+def _shard_span(weight: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``(flat local shard, first global flat position it holds, how many)`` of an FSDP2 parameter.
+
+    FSDP2 shards dim 0 like ``torch.chunk``: rank ``r`` of ``R`` holds rows ``[r·c, min((r+1)·c, rows))`` with
+    ``c = ceil(rows / R)``, as ``_local_tensor`` (a contiguous view of FSDP's padded all-gather input, so writes
+    into it are what the next all-gather sends).
+    """
+    placements: tuple[Any, ...] = tuple(getattr(weight, "placements", ()))
+    if len(placements) != 1 or not placements[0].is_shard(0):
+        raise NotImplementedError(
+            f"sparse deltas support FSDP2's dim-0 sharding on a 1-D mesh only, got placements {tuple(placements)}"
+        )
+    mesh = weight.device_mesh  # type: ignore[attr-defined]
+    world, rank = mesh.size(), mesh.get_local_rank()
+    rows = weight.shape[0]
+    chunk = -(-rows // world)
+    start = min(rank * chunk, rows)
+    local = weight._local_tensor  # type: ignore[attr-defined]
+    held = max(0, min(chunk, rows - start))
+    if local.shape[0] != held or not local.is_contiguous():
+        raise NotImplementedError(
+            f"unexpected FSDP2 shard layout: rows {rows}, rank {rank}/{world}, local {local.shape}"
+        )
+    per_row = weight.numel() // rows if rows else 0
+    return local.view(-1), start * per_row, held * per_row
+
+
+def _write_entries(weight: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+    """``weight.view(-1)[positions] = values``; for a DTensor, only the positions this rank's shard holds (local)."""
+    if not _is_dtensor(weight):
+        weight.view(-1).index_copy_(0, positions, values)
+        return
+    flat, start, n = _shard_span(weight)
+    mine = (positions >= start) & (positions < start + n)
+    flat.index_copy_(0, positions[mine] - start, values[mine])
+
+
+def _read_entries(weight: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``weight.view(-1)[positions]``; for a DTensor, each owner's values summed across ranks (a collective)."""
+    if not _is_dtensor(weight):
+        return weight.view(-1)[positions]
+    flat, start, n = _shard_span(weight)
+    mine = (positions >= start) & (positions < start + n)
+    out = torch.zeros(positions.numel(), dtype=flat.dtype, device=flat.device)
+    out[mine] = flat[positions[mine] - start]
+    return distributed.all_reduce(out, "sum")  # every entry has one owner; the others add zero (exact)
+
+
+def _pack(tensor: torch.Tensor) -> bytes:
+    from safetensors.torch import save
+
+    return save({"t": tensor.detach().cpu().contiguous()})
+
+
+def _unpack(blob: bytes) -> torch.Tensor:
+    from safetensors.torch import load
+
+    return load(blob)["t"]
+
+
+def _pack_when_sharded(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """Under FSDP2, hand the growing bookkeeping buffers to a distributed checkpoint as safetensors bytes.
+
+    A distributed checkpoint (``torch.distributed.checkpoint``, what ``ModelParallelStrategy`` writes) loads
+    *into* the tensors of the model's current ``state_dict``, and refuses a size that differs: a fresh model's
+    buffers are empty, a trained one's hold every selected entry. Bytes load as a whole object instead;
+    :meth:`SparseDeltaLayer._load_from_state_dict` turns them back into tensors. Unsharded models keep tensors.
+    """
+    assert isinstance(module, SparseDeltaLayer)
+    if not module.track_shards():
+        return
+    for name in module.param_names:
+        for field in _FIELDS:
+            key = f"{prefix}sparse_{name}_{field}"
+            if isinstance(state_dict.get(key), torch.Tensor):
+                state_dict[key] = _pack(state_dict[key])
 
 
 def _sample(tensor: torch.Tensor, n: int = 5) -> list[int]:
@@ -231,9 +323,8 @@ class _SparseTap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        hook = ctx.layer.grad_hook
-        if hook is not None:
-            hook(ctx.layer, ctx.name, grad)
+        if ctx.layer.grad_hook is not None:
+            ctx.layer._hook_grad(ctx.name, grad)
         picked = grad.reshape(-1).index_select(0, ctx.positions).to(ctx.dtype)
         return None, picked, None, None, None
 
@@ -290,12 +381,15 @@ class SparseDeltaLayer(nn.Module):
         grad_hook: ``hook(layer, param_name, dense_grad)`` called in backward with the dense gradient of each
             selected tensor (for scoring entries that are not selected yet; the tensor is transient, do not keep
             it). While set, a layer with no active entries still routes its weights through the tap. None: off.
-            Under DDP the gradient is this rank's and this micro-batch's, before any all-reduce.
+            Under DDP the gradient is this rank's and this micro-batch's, before any all-reduce. A layer called
+            several times in one forward (a training step that runs the model twice, shared blocks) gets one call
+            with the sum over its uses: the partial gradients are added up (a dense copy of that tensor only) until
+            the last use's arrives; :meth:`flush_grad_hook` delivers what is left of uses that never got a backward.
         merged: whether the weights hold the learned values (:meth:`unmerge` restores the pretrained ones).
 
     Raises:
         ValueError: a name is not a floating, contiguous parameter of ``base_layer`` itself.
-        NotImplementedError: a weight is a DTensor (FSDP2).
+        NotImplementedError: a weight is already a DTensor (inject before sharding).
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -321,10 +415,14 @@ class SparseDeltaLayer(nn.Module):
         object.__setattr__(self, "_bank", bank)  # not a submodule here: the bank is registered once per model
         self.param_names = names
         self.grad_hook = None
+        self._uses: dict[str, int] = {}  # taps applied while grad_hook is set whose backward has not come yet
+        self._partial: dict[str, torch.Tensor] = {}  # the gradient summed over the uses that have come
         self.merged = True
         self._fast = _fast_kind(base_layer)
         self._synced_version: int | None = None
+        self._shards: dict[str, torch.Tensor] = {}  # FSDP2: the sharded parameter of each name, once seen
         self._requires_grad = {n: p.requires_grad for n, p in base_layer.named_parameters(recurse=False)}
+        self._register_state_dict_hook(_pack_when_sharded)
         for param in base_layer.parameters(recurse=False):
             param.requires_grad_(False)
         for name in names:
@@ -361,7 +459,37 @@ class SparseDeltaLayer(nn.Module):
         return self._bank  # type: ignore[return-value]
 
     def _weight(self, name: str) -> torch.Tensor:
-        return self.base_layer._parameters[name]  # type: ignore[return-value]
+        weight = self.base_layer._parameters[name]
+        if weight is not None and _is_dtensor(weight):
+            self._shards[name] = weight
+        return weight  # type: ignore[return-value]
+
+    def track_shards(self) -> bool:
+        """Remember the sharded (FSDP2) parameters; returns whether there are any.
+
+        Call it once sharding is done and outside forward/backward (:class:`SparseMethod` does, in
+        ``on_fit_start``). FSDP2 puts its all-gathered, unsharded tensor on the module during forward and
+        backward and frees it afterwards, so a write made then (the lazy sync in :meth:`forward`) goes into that
+        tensor, for this pass, and into this rank's shard, which is what every later all-gather reads.
+        """
+        for name in self.param_names:
+            self._weight(name)
+        return bool(self._shards)
+
+    @torch.no_grad()
+    def _write(self, name: str, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``values`` (the weight's dtype) at flat ``positions`` of ``name``: the tensor on the module and,
+        under FSDP2, this rank's shard."""
+        weight = self._weight(name)
+        _write_entries(weight, positions, values)
+        sharded = self._shards.get(name)
+        if sharded is not None and sharded is not weight:  # FSDP2 has the unsharded tensor on the module now
+            _write_entries(sharded, positions, values)
+
+    @torch.no_grad()
+    def _read(self, name: str, positions: torch.Tensor) -> torch.Tensor:
+        """The weight's current values at flat ``positions`` (under FSDP2 gathered from their owners)."""
+        return _read_entries(self._weight(name), positions)
 
     def _buf(self, name: str, field: str) -> torch.Tensor:
         return self._buffers[f"sparse_{name}_{field}"]  # type: ignore[return-value]
@@ -421,9 +549,33 @@ class SparseDeltaLayer(nn.Module):
                 continue
             positions = self._buf(name, "active_indices")
             overrides[name] = _SparseTap.apply(self._weight(name), gathered, positions, self, name)
+            if hook is not None:
+                self._uses[name] = self._uses.get(name, 0) + 1
         if not overrides:
             return self.base_layer(*args, **kwargs)
         return self._call(overrides, args, kwargs)
+
+    @torch.no_grad()
+    def _hook_grad(self, name: str, grad: torch.Tensor) -> None:
+        """One use's gradient of ``name`` arrived: call :attr:`grad_hook` with the sum once every use's has."""
+        left = self._uses.get(name, 1) - 1
+        partial = self._partial.pop(name, None)
+        total = grad if partial is None else partial.add_(grad)
+        if left > 0:
+            self._uses[name] = left
+            self._partial[name] = total if partial is not None else grad.detach().clone()
+            return
+        self._uses.pop(name, None)
+        if self.grad_hook is not None:
+            self.grad_hook(self, name, total)
+
+    @torch.no_grad()
+    def flush_grad_hook(self) -> None:
+        """Call :attr:`grad_hook` with the partial sums of uses whose backward never came, and forget the uses."""
+        partial, self._partial, self._uses = self._partial, {}, {}
+        if self.grad_hook is not None:
+            for name, total in partial.items():
+                self.grad_hook(self, name, total)
 
     def _call(self, overrides: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
         base = self.base_layer
@@ -450,9 +602,8 @@ class SparseDeltaLayer(nn.Module):
             if positions.numel() == 0:
                 continue
             weight = self._weight(name)
-            _no_dtensor(weight, f"{type(self.base_layer).__name__}.{name}")
             eff = self._buf(name, "active_base").float() + values.index_select(0, self._buf(name, "active_slots"))
-            weight.view(-1).index_copy_(0, positions, eff.to(weight.dtype))
+            self._write(name, positions, eff.to(weight.dtype))
         self._synced_version = values._version
 
     @torch.no_grad()
@@ -469,18 +620,16 @@ class SparseDeltaLayer(nn.Module):
     def sync(self) -> None:
         """Rewrite every selected entry of the weights from ``base``, ``frozen`` and the bank. Idempotent.
 
-        Raises:
-            NotImplementedError: a weight is a DTensor (FSDP2).
+        Under FSDP2 (weights sharded) each rank writes the entries of its own shards; no communication.
         """
         if not self.merged:
             return
         for name in self.param_names:
             weight = self._weight(name)
-            _no_dtensor(weight, f"{type(self.base_layer).__name__}.{name}")
             indices = self._buf(name, "indices")
             if indices.numel():
                 eff = self._buf(name, "base").float() + self._effective(name)
-                weight.view(-1).index_copy_(0, indices, eff.to(weight.dtype))
+                self._write(name, indices, eff.to(weight.dtype))
         self._synced_version = self.bank.values._version
 
     @torch.no_grad()
@@ -498,7 +647,7 @@ class SparseDeltaLayer(nn.Module):
         for name in self.param_names:
             indices = self._buf(name, "indices")
             if indices.numel():
-                self._weight(name).view(-1).index_copy_(0, indices, self._buf(name, "base"))
+                self._write(name, indices, self._buf(name, "base"))
         self.merged = False
         self._synced_version = None
 
@@ -523,7 +672,6 @@ class SparseDeltaLayer(nn.Module):
     def _validate(self, name: str, flat: torch.Tensor, what: str) -> torch.Tensor:
         self._check_name(name)
         weight = self._weight(name)
-        _no_dtensor(weight, f"{type(self.base_layer).__name__}.{name}")
         if not isinstance(flat, torch.Tensor) or flat.dtype != torch.long or flat.dim() != 1:
             got = f"{flat.dtype}, shape {tuple(flat.shape)}" if isinstance(flat, torch.Tensor) else type(flat).__name__
             raise ValueError(f"{what}: indices must be a 1-D int64 tensor of flat positions, got {got}")
@@ -556,7 +704,9 @@ class SparseDeltaLayer(nn.Module):
 
         Raises:
             ValueError: bad indices (type, range, repeats, already active), an unknown name, or a full bank.
-            NotImplementedError: the weight is a DTensor (FSDP2).
+
+        Under FSDP2 the pretrained values of new entries come from the ranks that hold them (a collective: call
+        it on every rank with the same indices).
         """
         what = f"add({name!r})"
         flat = self._validate(name, indices, what)
@@ -582,7 +732,7 @@ class SparseDeltaLayer(nn.Module):
         if bool(new.any()):
             fresh = flat[new]
             self._set(name, "indices", torch.cat([self._buf(name, "indices"), fresh]))
-            self._set(name, "base", torch.cat([self._buf(name, "base"), weight.view(-1)[fresh]]))
+            self._set(name, "base", torch.cat([self._buf(name, "base"), self._read(name, fresh)]))
             zeros = torch.zeros(fresh.numel(), dtype=torch.float32, device=weight.device)
             self._set(name, "frozen", torch.cat([self._buf(name, "frozen"), zeros]))
             self._set(name, "slots", torch.cat([self._buf(name, "slots"), slots[new]]))
@@ -620,7 +770,7 @@ class SparseDeltaLayer(nn.Module):
         if self.merged:  # the weight may not have seen the last optimizer step yet
             weight = self._weight(name)
             eff = self._buf(name, "base")[pos].float() + frozen[pos]
-            weight.view(-1).index_copy_(0, flat, eff.to(weight.dtype))
+            self._write(name, flat, eff.to(weight.dtype))
         self.bank.release(slots)
         self._refresh(name)
         return slots
@@ -644,6 +794,8 @@ class SparseDeltaLayer(nn.Module):
             for field in _FIELDS:
                 key = f"{prefix}sparse_{name}_{field}"
                 incoming = state_dict.get(key)
+                if isinstance(incoming, bytes):  # from a distributed checkpoint (see _pack_when_sharded)
+                    incoming = state_dict[key] = _unpack(incoming)
                 own = self._buf(name, field)
                 if isinstance(incoming, torch.Tensor) and incoming.shape != own.shape:
                     self._set(name, field, torch.empty(incoming.shape, dtype=own.dtype, device=own.device))
@@ -733,7 +885,7 @@ def inject_sparse(
     Raises:
         ValueError: no targets, an unknown module or parameter, a model that already has sparse deltas,
             a capacity that is not a positive integer, or weights on several devices.
-        NotImplementedError: a weight is a DTensor (FSDP2).
+        NotImplementedError: a weight is already a DTensor (inject before sharding).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
@@ -763,6 +915,7 @@ def inject_sparse(
         raise ValueError(f"inject_sparse: the target weights are on several devices {sorted(map(str, devices))}")
     _check_untied(model, checked)
     bank = SparseDeltaBank(capacity, dtype, device=devices.pop())
+    distributed.mark_replicated([bank.values])  # FSDP2 (lightning_peft.shard) keeps the bank whole on every rank
     layers = {name: SparseDeltaLayer(modules[name], checked[name], bank) for name in checked}
     for name in sorted(layers, key=lambda n: n.count("."), reverse=True):  # deepest first: parents' paths stay valid
         _set_submodule(model, name, layers[name])

@@ -43,9 +43,14 @@ class ID3(SparseMethod):
     ranks) selects the new entries and gives them their gradient; ``on_fit_end`` logs the density per
     layer, draws it (``id3_density.png``) and saves indices + values.
 
-    Several processes: ``strategy="ddp_selective"``. Each rank's dense gradient is averaged across
-    ranks inside the scoring hook, so every rank scores the same numbers and makes the same choice
-    with no broadcast (a test checks indices and weights are identical on both ranks).
+    Several processes: ``strategy="ddp_selective"``, or FSDP2 (``ModelParallelStrategy`` with
+    ``tensor_parallel_size=1``, the model sharded by :func:`lightning_peft.shard` in ``configure_model``).
+    Each rank's dense gradient is averaged across ranks inside the scoring hook (under FSDP2 it is the
+    gradient of the all-gathered weight), so every rank scores the same numbers and makes the same,
+    exact global top-``n_t`` choice with no broadcast; under FSDP2 the bank stays whole on every rank and
+    its gradient is averaged first thing in ``on_before_optimizer_step``. Tests check indices and weights
+    are identical on both ranks and, under FSDP2, equal to one process on both ranks' batches.
+    A target layer called several times in one step is scored on its gradient summed over the calls.
 
     Gradient clipping: Lightning clips after ``on_before_optimizer_step`` (and after the backward the
     scoring hooks run in), so ID3 scores the *unclipped* gradients; the reference, called from its
@@ -79,7 +84,8 @@ class ID3(SparseMethod):
         ValueError: a budget <= 0, a fraction outside (0, 1), a budget larger than the targeted entries,
             ``eps <= 0``, ``exp < 0``, targets that match nothing, a run without a finite length and no
             ``total_steps``, or a checkpoint of another configuration.
-        NotImplementedError: plain ``ddp`` or a sharded strategy, before training.
+        NotImplementedError: plain ``ddp``, FSDP1/DeepSpeed, tensor parallelism, or ``ModelParallelStrategy`` on a
+            model not sharded by :func:`lightning_peft.shard`, before training.
 
     Example:
         >>> import lightning as L
@@ -191,6 +197,7 @@ class ID3(SparseMethod):
 
     def _set_hooks(self, pl_module: pl.LightningModule, on: bool) -> None:
         for _, layer in self.layers(pl_module):
+            layer.flush_grad_hook()  # a use without a backward (its output not in the loss) is scored now
             layer.grad_hook = self._hook if on else None
         self._armed = on
 
@@ -216,8 +223,11 @@ class ID3(SparseMethod):
     ) -> None:
         if self.unmasker is None:
             return
+        self.reduce_bank_grad(pl_module)
         step = trainer.global_step
         if self._armed:
+            for _, layer in self.layers(pl_module):
+                layer.flush_grad_hook()
             picks = self.unmasker.select(step)
             grads = self.unmasker.selected_grads
             bank = self.bank_of(pl_module)

@@ -46,8 +46,12 @@ class SaRA(SparseMethod):
     the chosen step; ``on_before_optimizer_step`` adds the penalty's gradient and logs ``sara/penalty``
     and ``sara/density``; ``on_fit_end`` draws the density per layer and saves indices + values.
 
-    Several processes: ``strategy="ddp_selective"``. Selections are made from identical weights and
-    the penalty from identical updates, so every rank decides the same without communicating.
+    Several processes: ``strategy="ddp_selective"``, or FSDP2 (``ModelParallelStrategy`` with
+    ``tensor_parallel_size=1``, the model sharded by :func:`lightning_peft.shard` in ``configure_model``).
+    Selections are made from identical weights and the penalty from identical updates, so every rank
+    decides the same. Under FSDP2 a selection gathers one whole target tensor at a time
+    (``full_tensor()``, never the model), the penalty's ``ΔW`` comes from the bank (whole on every rank),
+    and the bank's gradient is averaged before the penalty is added.
 
     Args:
         fraction: share of each target tensor to train, in (0, 1) (default 0.1); ignored if ``threshold`` is set.
@@ -73,7 +77,8 @@ class SaRA(SparseMethod):
         ValueError: a fraction outside (0, 1), a threshold <= 0, ``rank_penalty < 0``, a re-selection step outside
             the run, a selection that picks nothing in any tensor (with the magnitudes seen), targets that match
             nothing, or a checkpoint of another configuration.
-        NotImplementedError: plain ``ddp`` or a sharded strategy, before training.
+        NotImplementedError: plain ``ddp``, FSDP1/DeepSpeed, tensor parallelism, or ``ModelParallelStrategy`` on a
+            model not sharded by :func:`lightning_peft.shard`, before training.
 
     Example:
         >>> import lightning as L
@@ -152,8 +157,9 @@ class SaRA(SparseMethod):
         """Initial selection on the current weights; returns the entries selected."""
         bank = self.bank_of(pl_module)
         for _, layer in self.layers(pl_module):
-            for pname in layer.param_names:
-                picked = self.selector.select(layer.base_layer.get_parameter(pname), limit=bank.free)
+            for pname in layer.param_names:  # under FSDP2 one whole tensor at a time
+                whole = distributed.full_tensor(layer.base_layer.get_parameter(pname).detach())
+                picked = self.selector.select(whole, limit=bank.free)
                 layer.add(pname, picked)
         return bank.used
 
@@ -161,24 +167,26 @@ class SaRA(SparseMethod):
         """Re-select on the current weights; returns (entries that left, entries that joined)."""
         bank = self.bank_of(pl_module)
         layers = self.layers(pl_module)
-        plan: list[tuple[SparseDeltaLayer, str, torch.Tensor]] = []
+        plan: list[tuple[SparseDeltaLayer, str, torch.Tensor, torch.Tensor]] = []
         left = joined = 0
         for _, layer in layers:
             layer.sync()
         for _, layer in layers:  # retire first, so the freed slots are there for the newcomers
             for pname in layer.param_names:
                 active = layer.active_indices(pname)
-                new = self.selector.select(layer.base_layer.get_parameter(pname))
+                whole = distributed.full_tensor(layer.base_layer.get_parameter(pname).detach())  # one at a time
+                new = self.selector.select(whole)
                 leaving = active[~torch.isin(active, new)]
                 freed = layer.retire(pname, leaving)
                 for opt in trainer.optimizers:
                     reset_optimizer_slots(opt, bank.values, freed)
-                plan.append((layer, pname, new[~torch.isin(new, active)]))
+                entering = new[~torch.isin(new, active)]
+                plan.append((layer, pname, entering, whole.reshape(-1)[entering].abs().float()))
+                del whole
                 left += leaving.numel()
-        for layer, pname, entering in plan:
+        for layer, pname, entering, magnitude in plan:
             if entering.numel() > bank.free:  # a threshold selection may want more than the bank holds: the smallest
-                weight = layer.base_layer.get_parameter(pname).detach().reshape(-1)
-                order = torch.sort(weight[entering].abs().float(), stable=True).indices[: bank.free]
+                order = torch.sort(magnitude, stable=True).indices[: bank.free]
                 entering = entering[order].sort().values
             layer.add(pname, entering)
             joined += entering.numel()
@@ -266,6 +274,7 @@ class SaRA(SparseMethod):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        self.reduce_bank_grad(pl_module)  # before the penalty: it is the same on every rank
         self.penalty = self.add_penalty_grad(pl_module, trainer.global_step)
         self.log_density(trainer, pl_module, per_layer=False, extra={"sara/penalty": self.penalty})
 

@@ -43,7 +43,10 @@ class SparseMethod(MethodCallback):
     parameter and ``modules_to_save``. Because the bank never changes identity or size, the optimizer,
     built once, stays valid however the selection changes. A module set up by an earlier fit with the same
     settings is reused (other settings are refused); a fit that fails before training takes the sparse layers
-    out and restores the weights. Several processes: ``strategy="ddp_selective"``.
+    out and restores the weights. Several processes: ``strategy="ddp_selective"``, or FSDP2
+    (``ModelParallelStrategy(tensor_parallel_size=1)``, the model sharded by :func:`lightning_peft.shard` in
+    ``configure_model``): the bank is kept whole on every rank and its gradient averaged in
+    ``on_before_optimizer_step``; each rank writes the learned values into the entries of its own shards.
     ``on_fit_end`` draws the density per layer and saves the deltas (sparse format: indices + values;
     ``modules_to_save`` in full) with the base fingerprint.
     """
@@ -121,7 +124,7 @@ class SparseMethod(MethodCallback):
             self.sizes, self.total_params, self._base = dict(kept["sizes"]), int(kept["total"]), kept["base"]
             self.reuse(root, kept)
             return
-        check_dynamic_strategy(trainer.strategy, type(self).__name__)
+        check_dynamic_strategy(trainer.strategy, type(self).__name__, sharded_ok=True)
         targets = self.resolve_targets(root, preset)
         for name in self.modules_to_save:
             try:
@@ -161,6 +164,35 @@ class SparseMethod(MethodCallback):
 
     def reuse(self, root: nn.Module, kept: dict[str, Any]) -> None:
         """Take over the setup an earlier fit made (``kept`` is what :meth:`kept` returned then)."""
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After configure_model (FSDP2 sharding) and before any forward or checkpoint restore.
+        sharded = [layer.track_shards() for _, layer in self.layers(pl_module)]
+        if distributed.is_distributed() and any(sharded):
+            bank = self.bank_of(pl_module)
+            if distributed.is_dtensor(bank.values) or not any(
+                p is bank.values for p in distributed.replicated_params(pl_module)
+            ):
+                raise NotImplementedError(
+                    f"{type(self).__name__} under FSDP2 needs its bank of trained values kept whole on every rank: "
+                    "shard the model with lightning_peft.shard(module, self.device_mesh) in configure_model (it keeps "
+                    "the parameters marked replicated out of fully_shard and the callback averages their gradients)"
+                )
+        elif distributed.is_distributed() and type(trainer.strategy).__name__ == "ModelParallelStrategy":
+            raise NotImplementedError(
+                f"{type(self).__name__} under ModelParallelStrategy found no sharded weight: nothing would average "
+                "the trained values' gradients across ranks. Shard the model with lightning_peft.shard(module, "
+                "self.device_mesh) in configure_model, or use strategy='ddp_selective'"
+            )
+
+    @staticmethod
+    def reduce_bank_grad(pl_module: nn.Module) -> None:
+        """Under FSDP2 average the bank's gradient across ranks (FSDP2 leaves it alone); elsewhere nothing.
+
+        Called first in ``on_before_optimizer_step``, before anything reads or adds to that gradient.
+        """
+        distributed.reduce_replicated_grads(pl_module)
 
     # ----------------------------------------------------------------------------------------- helpers
     @staticmethod
