@@ -478,13 +478,13 @@ class SparseDeltaLayer(nn.Module):
 
     @torch.no_grad()
     def _write(self, name: str, positions: torch.Tensor, values: torch.Tensor) -> None:
-        """Write ``values`` (the weight's dtype) at flat ``positions`` of ``name``: the tensor on the module and,
-        under FSDP2, this rank's shard."""
+        """Write ``values`` at flat ``positions`` of ``name``: the tensor on the module and, under FSDP2, this rank's
+        shard (each cast to its own dtype: with FSDP2 mixed precision the unsharded tensor has the compute dtype)."""
         weight = self._weight(name)
-        _write_entries(weight, positions, values)
+        _write_entries(weight, positions, values.to(weight.dtype))
         sharded = self._shards.get(name)
         if sharded is not None and sharded is not weight:  # FSDP2 has the unsharded tensor on the module now
-            _write_entries(sharded, positions, values)
+            _write_entries(sharded, positions, values.to(sharded.dtype))
 
     @torch.no_grad()
     def _read(self, name: str, positions: torch.Tensor) -> torch.Tensor:
@@ -601,9 +601,8 @@ class SparseDeltaLayer(nn.Module):
             positions = self._buf(name, "active_indices")
             if positions.numel() == 0:
                 continue
-            weight = self._weight(name)
             eff = self._buf(name, "active_base").float() + values.index_select(0, self._buf(name, "active_slots"))
-            self._write(name, positions, eff.to(weight.dtype))
+            self._write(name, positions, eff)
         self._synced_version = values._version
 
     @torch.no_grad()
@@ -625,11 +624,9 @@ class SparseDeltaLayer(nn.Module):
         if not self.merged:
             return
         for name in self.param_names:
-            weight = self._weight(name)
             indices = self._buf(name, "indices")
             if indices.numel():
-                eff = self._buf(name, "base").float() + self._effective(name)
-                self._write(name, indices, eff.to(weight.dtype))
+                self._write(name, indices, self._buf(name, "base").float() + self._effective(name))
         self._synced_version = self.bank.values._version
 
     @torch.no_grad()
@@ -768,9 +765,7 @@ class SparseDeltaLayer(nn.Module):
         frozen[pos] = self.bank.values[slots].float()
         slots_buf[pos] = -1
         if self.merged:  # the weight may not have seen the last optimizer step yet
-            weight = self._weight(name)
-            eff = self._buf(name, "base")[pos].float() + frozen[pos]
-            self._write(name, flat, eff.to(weight.dtype))
+            self._write(name, flat, self._buf(name, "base")[pos].float() + frozen[pos])
         self.bank.release(slots)
         self._refresh(name)
         return slots
