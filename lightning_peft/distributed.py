@@ -30,6 +30,7 @@ __all__ = [
     "is_distributed",
     "is_dtensor",
     "is_sharded",
+    "load_optimizer_state",
     "mark_replicated",
     "rank_zero_only",
     "reduce_replicated_grads",
@@ -164,6 +165,52 @@ def broadcast_coalesced(tensors: list[torch.Tensor], src: int = 0, bucket_bytes:
     """Overwrite many tensors in place with rank ``src``'s values, packed into flat buckets."""
     if is_distributed() and tensors:
         _coalesced(tensors, lambda t: broadcast_tensor(t, src), bucket_bytes)
+
+
+def load_optimizer_state(
+    path: Any, key: str, optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter]
+) -> list[str]:
+    """Read the optimizer state of just ``params`` from a distributed checkpoint folder into ``optimizer.state``.
+
+    ``ModelParallelStrategy`` saves optimizer ``i`` under ``key="optimizer_<i>"``, each parameter's state as
+    ``<key>.state.<name>.<state>`` (``name`` as in the LightningModule's ``named_parameters``). Only these entries
+    are read (a ``DTensor`` parameter's state into a ``DTensor`` of the same sharding); a parameter the checkpoint
+    holds no state for is left as it is. A collective: every rank calls it with the same names.
+
+    Returns:
+        The names whose state was loaded; ``[]`` when ``path`` is not a distributed checkpoint folder.
+    """
+    from pathlib import Path
+
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not (Path(path) / ".metadata").is_file():
+        return []
+    entries = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    template: dict[str, torch.Tensor] = {}
+    where: dict[str, tuple[torch.nn.Parameter, str]] = {}
+    for name, param in params.items():
+        prefix = f"{key}.state.{name}."
+        for entry, meta in entries.items():
+            state_name = entry[len(prefix) :]
+            if not entry.startswith(prefix) or "." in state_name or not isinstance(meta, TensorStorageMetadata):
+                continue
+            dtype = meta.properties.dtype
+            if tuple(meta.size) == tuple(param.shape) and param.dim() > 0:  # exp_avg & co.: sharded like the param
+                template[entry] = torch.zeros_like(param, dtype=dtype)
+            else:  # a step counter or another small plain tensor
+                template[entry] = torch.zeros(tuple(meta.size), dtype=dtype)
+            where[entry] = (param, state_name)
+    if not template:
+        return []
+    load(template, checkpoint_id=str(path))
+    loaded = set()
+    for entry, tensor in template.items():
+        param, state_name = where[entry]
+        optimizer.state[param][state_name] = tensor
+        loaded.add(entry[len(key) + len(".state.") :].rsplit(".", 1)[0])
+    return sorted(loaded)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
