@@ -285,6 +285,18 @@ def test_plain_ddp_and_sharded_strategies_are_refused_with_what_really_happens()
         check_dynamic_strategy(ModelParallelStrategy(), "LISA", trainable_changes=True)
 
 
+def test_fsdp2_is_let_through_but_tensor_parallelism_is_refused_before_training() -> None:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_peft.callbacks.lisa import _check_data_parallel_only
+
+    check_dynamic_strategy(ModelParallelStrategy(), "LISA", trainable_changes=True, sharded_ok=True)  # what LISA asks
+    _check_data_parallel_only(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    with pytest.raises(NotImplementedError, match="tensor_parallel_size=2") as refusal:
+        _check_data_parallel_only(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2))
+    assert "tensor_parallel_size=1" in str(refusal.value)
+
+
 def test_a_model_no_preset_knows_trains_every_parameter_outside_the_blocks(tmp_path) -> None:
     from transformers import BertConfig
 
