@@ -157,3 +157,23 @@ def test_sara_second_fit_with_the_same_settings_keeps_training_the_same_entries(
     fit(module, SaRA(fraction=0.1, target_modules=LLAMA))
     again = {n: layer.active_indices(p) for n, layer in sparse_layers(module) for p in layer.param_names}
     assert chosen.keys() == again.keys() and all(torch.equal(chosen[k], again[k]) for k in chosen)
+
+
+def test_the_restore_point_holds_no_parameter_alive() -> None:
+    """Under FSDP2 every parameter is replaced when the model is sharded, after setup; a restore point that held
+    the originals would keep each rank's whole unsharded weights in memory until training starts."""
+    import gc
+    import weakref
+
+    from lightning_peft.callbacks.base import restorer
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    net[1].requires_grad_(False)
+    undo = restorer(net, lambda: None)
+    old = weakref.ref(net[0].weight)
+    net[0].weight = nn.Parameter(torch.zeros(4, 4))  # what fully_shard does to every parameter
+    net[0].weight.requires_grad_(False)
+    gc.collect()
+    assert old() is None
+    undo()  # restores by name, on the parameters the module holds now
+    assert net[0].weight.requires_grad and not net[1].weight.requires_grad

@@ -24,13 +24,16 @@ def restorer(root: nn.Module, unwrap: Callable[[], Any]) -> Callable[[], None]:
     """A function that puts ``root`` back as it is now: it calls ``unwrap`` and restores every ``requires_grad``.
 
     Take it *before* changing the module; ``unwrap`` undoes the structural change (e.g. removes the adapters).
+    The flags are kept by parameter name, not by holding the parameters: FSDP2 replaces every parameter when it
+    shards, and a reference here would keep each rank's whole unsharded weights alive until training starts.
     """
-    flags = [(p, p.requires_grad) for p in root.parameters()]
+    flags = {name: p.requires_grad for name, p in root.named_parameters()}
 
     def restore() -> None:
         unwrap()
-        for param, flag in flags:
-            param.requires_grad_(flag)
+        for name, param in root.named_parameters():
+            if name in flags:
+                param.requires_grad_(flags[name])
         if SETUP_ATTR in root.__dict__:
             del root.__dict__[SETUP_ATTR]
 

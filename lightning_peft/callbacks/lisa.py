@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -253,7 +253,7 @@ class LISA(MethodCallback):
     def _freeze(self, root: nn.Module) -> None:
         """Freeze the backbone but the always-on parameters and the blocks; a fit that fails before training undoes it
         (flags restored; a setup made in this fit is forgotten), through :meth:`MethodCallback.on_exception`."""
-        self._undo = _flag_restorer(root, self._forget if self._fresh else lambda: None)
+        self._undo = restorer(root, self._forget if self._fresh else lambda: None)
         root.requires_grad_(False)
         for p in self._always:
             p.requires_grad_(True)
@@ -463,20 +463,6 @@ def _outside_blocks(root: nn.Module, block_ids: set[int]) -> list[str]:
 
     walk("", root)
     return names
-
-
-def _flag_restorer(root: nn.Module, unwrap: Callable[[], Any]) -> Callable[[], None]:
-    """:func:`restorer`, also by parameter name: it reaches the ``DTensor`` parameters FSDP2 swaps in after setup."""
-    flags = {name: p.requires_grad for name, p in root.named_parameters()}
-    plain = restorer(root, unwrap)
-
-    def restore() -> None:
-        plain()
-        for name, param in root.named_parameters():
-            if name in flags:
-                param.requires_grad_(flags[name])
-
-    return restore
 
 
 def _is_model_parallel(strategy: object) -> bool:
