@@ -66,7 +66,7 @@ def inclusion_probabilities(weights: Sequence[float] | torch.Tensor, n: int) -> 
     Example:
         >>> inclusion_probabilities([4, 2, 1, 1], 2).tolist()
         [1.0, 0.5, 0.25, 0.25]
-        >>> inclusion_probabilities([1, 2, 3, 4], 2).tolist()
+        >>> [round(p, 12) for p in inclusion_probabilities([1, 2, 3, 4], 2).tolist()]
         [0.2, 0.4, 0.6, 0.8]
     """
     w = torch.as_tensor(weights, dtype=torch.float64).clone()

@@ -1,0 +1,326 @@
+"""Per-rank memory and step time of every method under 2-process FSDP2 vs the same method under 2-process DDP.
+
+Not a test (STYLE.md item 13). The model is a transformers ``LlamaForCausalLM`` with random weights built from a
+``LlamaConfig`` (nothing downloaded), trained on random token ids by a real ``lightning.Trainer``. Two
+configurations:
+
+* ``bench``: the benchmark Llama of ``lisa_memory.py`` / ``sparse_memory.py`` (hidden 256, 8 layers, batch 8 x 128
+  tokens): activations weigh as much as the weights;
+* ``weights``: hidden 1024, 4 layers, intermediate 2816, vocab 8192, batch 2 x 64: the weights dominate, which is
+  where sharding pays (the weights, and the optimizer state of what trains, are halved; activations are not).
+
+For each method (``LoRA`` r=8 on the 7 projections, ``AdaLoRA`` 12 -> 8, ``LISA`` 2 of the blocks every 2 steps,
+``ID3`` and ``SaRA`` with LoRA r=8's parameter count as budget) two runs of 2 processes: ``fsdp2``
+(``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)``, ``lightning_peft.shard`` in
+``configure_model``) and ``ddp`` (``strategy="ddp"`` for LoRA/AdaLoRA, ``"ddp_selective"`` for the methods whose
+trainable set changes, which refuse plain DDP). Every run is a fresh worker process; each rank writes its figures.
+
+Per rank: the RSS high-water mark during training (``VmHWM``, reset by ``/proc/self/clear_refs`` in ``on_train_start``,
+after the model was built and sharded and freed heap returned to the OS with ``malloc_trim``) minus the RSS right
+before the model was built (the import baseline is excluded), the largest over the ranks; and the median step time
+over ``--steps`` steps after ``--warmup``. On CUDA, ``torch.cuda.max_memory_allocated`` from ``on_train_start``.
+Every rank builds the whole model before ``configure_model`` shards it (as ``from_pretrained`` does); on a GPU that
+happens on the CPU, so the training peak is the figure that decides what fits on the device. The table
+gives FSDP2 / DDP ratios; the issue's goal (weights configuration: FSDP2 per-rank peak <= 0.65 x DDP's) is printed
+with PASS/MISS. A method that is refused under a strategy is reported as such, with the reason.
+
+    python benchmarks/fsdp2_memory.py                      # both configurations, every method (~10 min, 2 idle cores)
+    python benchmarks/fsdp2_memory.py --configs weights --methods lora adalora --steps 3 --warmup 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from common import (  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+    OthersLoad,
+    cores,
+    device_name,
+    peak_rss_bytes,
+    record,
+    reset_peak_rss,
+    rss_bytes,
+)
+
+METHODS = ("lora", "adalora", "lisa", "id3", "sara")
+STRATEGIES = ("fsdp2", "ddp")
+CONFIGS: dict[str, dict[str, int]] = {
+    "bench": {"hidden": 256, "layers": 8, "intermediate": 688, "heads": 4, "vocab": 2048, "batch": 8, "seq": 128},
+    "weights": {"hidden": 1024, "layers": 12, "intermediate": 2816, "heads": 8, "vocab": 4096, "batch": 1, "seq": 64},
+}
+GOAL = 0.65  # FSDP2 per-rank peak / DDP per-rank peak, weights configuration
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_count(cfg: dict[str, int], r: int = 8) -> int:
+    """Parameters of LoRA r=8 on the 7 projections: the budget of ID3 and SaRA."""
+    h, i = cfg["hidden"], cfg["intermediate"]
+    per_layer = 4 * r * (h + h) + 2 * r * (h + i) + r * (i + h)
+    return per_layer * cfg["layers"]
+
+
+def make_callback(method: str, cfg: dict[str, int]) -> Any:
+    from lightning_peft import ID3, LISA, AdaLoRA, LoRA, SaRA
+
+    if method == "lora":
+        return LoRA(r=8, alpha=16)
+    if method == "adalora":
+        return AdaLoRA(r=12, target_r=8, tinit=1, tfinal=1, deltaT=1)
+    if method == "lisa":
+        return LISA(n_layers=2, interval=2)
+    targeted = cfg["layers"] * (4 * cfg["hidden"] ** 2 + 3 * cfg["hidden"] * cfg["intermediate"])
+    if method == "id3":
+        return ID3(budget=lora_count(cfg), target_modules=TARGETS)
+    return SaRA(fraction=lora_count(cfg) / targeted, target_modules=TARGETS)
+
+
+def trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``), so RSS shows what is live; no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    """One run (one rank of it): writes ``<rundir>/<run>.rank<r>.json``."""
+    torch.set_num_threads(args.threads)
+    import lightning.pytorch as pl
+    import torch.distributed as dist
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.utils.data import DataLoader
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lightning_peft
+    from lightning_peft.strategies import SelectiveDDPStrategy  # noqa: F401  (registers "ddp_selective")
+
+    cfg = CONFIGS[args.config]
+    cuda = args.device == "cuda"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    max_steps = args.warmup + args.steps
+
+    class Bench(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            config = LlamaConfig(
+                vocab_size=cfg["vocab"],
+                hidden_size=cfg["hidden"],
+                intermediate_size=cfg["intermediate"],
+                num_hidden_layers=cfg["layers"],
+                num_attention_heads=cfg["heads"],
+                num_key_value_heads=cfg["heads"],
+                max_position_embeddings=max(512, cfg["seq"]),
+                use_cache=False,
+            )
+            self.model = LlamaForCausalLM(config)
+
+        def configure_model(self) -> None:
+            if self.device_mesh is not None and not lightning_peft.distributed.is_sharded(self.model):
+                lightning_peft.shard(self.model, self.device_mesh)
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            return self.model(input_ids=batch, labels=batch, use_cache=False).loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-4)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    class Timer(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.step, self.t0 = 0, 0.0
+
+        def setup(self, trainer, pl_module, stage) -> None:  # noqa: ANN001
+            torch.set_num_threads(args.threads)
+
+        def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            # the model is built (whole, on every rank) and sharded: give what was freed back to the OS, then measure
+            # the training peak from here (on a GPU the whole model never lands on the device: it is sharded on CPU)
+            gc.collect()
+            trim_heap()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            else:
+                reset_peak_rss()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+            sync()
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            sync()
+            if self.step >= args.warmup:
+                self.times.append(time.perf_counter() - self.t0)
+            self.step += 1
+
+    gen = torch.Generator().manual_seed(1)
+    data = torch.randint(0, cfg["vocab"], (cfg["batch"] * max_steps * 2, cfg["seq"]), generator=gen)
+    loader = DataLoader(data, batch_size=cfg["batch"], shuffle=False)
+
+    gc.collect()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        mem_before = torch.cuda.memory_allocated(device)
+    else:
+        mem_before = rss_bytes()
+        if not reset_peak_rss():
+            mem_before = max(mem_before, peak_rss_bytes())
+    module = Bench()
+    timer = Timer()
+    callbacks = [timer, make_callback(args.method, cfg)]
+    if args.strategy == "fsdp2":
+        strategy: Any = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    else:
+        strategy = "ddp" if args.method in ("lora", "adalora") else "ddp_selective"
+    trainer = pl.Trainer(
+        accelerator="cuda" if cuda else "cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+    result: dict[str, Any] = {"rank": int(os.environ.get("LOCAL_RANK", "0"))}
+    try:
+        trainer.fit(module, train_dataloaders=loader)
+        sync()
+        peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss_bytes()
+        result.update(
+            rank=trainer.global_rank,
+            step_s=statistics.median(timer.times),
+            peak_growth_bytes=peak - mem_before,
+            trainable=sum(p.numel() for p in module.parameters() if p.requires_grad),
+        )
+    except (NotImplementedError, ValueError) as err:  # refused before training: report it
+        result["refused"] = f"{type(err).__name__}: {str(err)[:300]}"
+    out = Path(args.rundir) / f"{args.run}.rank{result['rank']}.json"
+    out.with_suffix(".tmp").write_text(json.dumps(result))
+    out.with_suffix(".tmp").replace(out)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def spawn(args: argparse.Namespace, config: str, method: str, strategy: str, rundir: Path) -> dict[str, Any]:
+    run = f"{config}-{method}-{strategy}"
+    threads = max(1, cores() // 2)
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--run", run, "--config", config]
+    cmd += ["--method", method, "--strategy", strategy, "--rundir", str(rundir), "--threads", str(threads)]
+    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    # Every tensor of 64 KiB or more gets its own mapping, returned to the OS when freed (glibc): RSS then follows
+    # the live tensors, as a GPU's allocated bytes do. Otherwise the heap keeps what FSDP2's per-block gathers
+    # freed, and RSS shows every block's gathered weights at once.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 << 10))
+    for key in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+        env.pop(key, None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    deadline = time.monotonic() + 30
+    files = sorted(rundir.glob(f"{run}.rank*.json"))
+    while len(files) < 2 and proc.returncode == 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        files = sorted(rundir.glob(f"{run}.rank*.json"))
+    ranks = [json.loads(f.read_text()) for f in files]
+    if not ranks:
+        return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-400:].strip()}"}
+    if any("refused" in r for r in ranks):
+        return {"refused": next(r["refused"] for r in ranks if "refused" in r)}
+    return {
+        "peak_growth_bytes": max(r["peak_growth_bytes"] for r in ranks),
+        "step_s": max(r["step_s"] for r in ranks),  # ranks wait for each other
+        "trainable": ranks[0]["trainable"],
+    }
+
+
+def _mib(n: float | None) -> str:
+    return "—" if n is None else f"{n / 2**20:,.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    for name in ("--run", "--config", "--method", "--strategy", "--rundir"):
+        parser.add_argument(name, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        run_worker(args)
+        return
+    if args.device == "cuda" and torch.cuda.device_count() < 2:
+        sys.exit("error: --device cuda needs 2 GPUs")
+    load = OthersLoad(who=(__import__("resource").RUSAGE_SELF, __import__("resource").RUSAGE_CHILDREN)).start()
+    t0 = time.perf_counter()
+    results: dict[tuple[str, str, str], dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for config in args.configs:
+            for method in args.methods:
+                for strategy in STRATEGIES:
+                    results[config, method, strategy] = spawn(args, config, method, strategy, Path(tmp))
+                    print(f"  {config:8s} {method:8s} {strategy:6s} {results[config, method, strategy]}", flush=True)
+    others = load.stop()
+    print(
+        f"\nfsdp2_memory: {datetime.date.today()}, {device_name(args.device)}, {cores()} cores, torch "
+        f"{torch.__version__}; {args.warmup} warm-up + {args.steps} measured steps; "
+        f"wall {time.perf_counter() - t0:.0f} s; "
+        f"other processes used {'?' if others is None else f'{100 * others:.0f} %'} of the CPUs meanwhile"
+    )
+    print(
+        "\n| config | method | DDP peak/rank MiB | FSDP2 peak/rank MiB | FSDP2/DDP memory | DDP step s | FSDP2 step s "
+        "| FSDP2/DDP time |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for config in args.configs:
+        for method in args.methods:
+            ddp, fsdp = results[config, method, "ddp"], results[config, method, "fsdp2"]
+            if "peak_growth_bytes" not in ddp or "peak_growth_bytes" not in fsdp:
+                why = fsdp.get("refused") or fsdp.get("error") or ddp.get("refused") or ddp.get("error")
+                print(f"| {config} | {method} | {_mib(ddp.get('peak_growth_bytes'))} | — | — | — | — | {why} |")
+                continue
+            mem = fsdp["peak_growth_bytes"] / ddp["peak_growth_bytes"]
+            tim = fsdp["step_s"] / ddp["step_s"]
+            goal = ""
+            if config == "weights":
+                met = mem <= GOAL
+                goal = f" ({'PASS' if met else 'MISS'} <= {GOAL})"
+                record("fsdp2_memory", f"{method} FSDP2/DDP per-rank peak (weights)", mem, f"<= {GOAL}", met)
+            print(
+                f"| {config} | {method} | {_mib(ddp['peak_growth_bytes'])} | {_mib(fsdp['peak_growth_bytes'])} "
+                f"| {mem:.3f}{goal} | {ddp['step_s']:.3f} | {fsdp['step_s']:.3f} | {tim:.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
