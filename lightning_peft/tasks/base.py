@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_peft import distributed
@@ -58,6 +59,9 @@ class ShardedByStrategy:
         if mesh is None or model is None or distributed.is_sharded(model):
             return  # not sharded training, or sharded already (a second fit/validate of the same module)
         distributed.shard(model, mesh)
+        units = sum(distributed.is_sharded(m) for m in model.modules())
+        name = distributed.unwrapped_class(model).__name__  # fully_shard swaps in an FSDP<Name> class
+        rank_zero_info(f"{type(self).__name__}: sharded {name} with FSDP2 ({units - 1} blocks + the root)")
 
 
 class TrainableAdamW(ShardedByStrategy):
