@@ -6,8 +6,10 @@ configurations:
 
 * ``bench``: the benchmark Llama of ``lisa_memory.py`` / ``sparse_memory.py`` (hidden 256, 8 layers, batch 8 x 128
   tokens): activations weigh as much as the weights;
-* ``weights``: hidden 1024, 4 layers, intermediate 2816, vocab 8192, batch 2 x 64: the weights dominate, which is
-  where sharding pays (the weights, and the optimizer state of what trains, are halved; activations are not).
+* ``weights``: hidden 1024, 12 layers, intermediate 2816, vocab 4096, batch 1 x 64: the weights dominate, which is
+  where sharding pays (the weights, and the optimizer state of what trains, are halved; activations are not);
+* ``deep``: the same with 24 layers (``--configs deep``, not run by default): FSDP2 holds one or two gathered blocks
+  beyond each rank's shard, a share of the weights that shrinks as blocks get more numerous.
 
 For each method (``LoRA`` r=8 on the 7 projections, ``AdaLoRA`` 12 -> 8, ``LISA`` 2 of the blocks every 2 steps,
 ``ID3`` and ``SaRA`` with LoRA r=8's parameter count as budget) two runs of 2 processes: ``fsdp2``
@@ -47,9 +49,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from common import (  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
-    OthersLoad,
     cores,
     device_name,
+    machine_busy_s,
+    own_cpu_s,
     peak_rss_bytes,
     record,
     reset_peak_rss,
@@ -61,6 +64,7 @@ STRATEGIES = ("fsdp2", "ddp")
 CONFIGS: dict[str, dict[str, int]] = {
     "bench": {"hidden": 256, "layers": 8, "intermediate": 688, "heads": 4, "vocab": 2048, "batch": 8, "seq": 128},
     "weights": {"hidden": 1024, "layers": 12, "intermediate": 2816, "heads": 8, "vocab": 4096, "batch": 1, "seq": 64},
+    "deep": {"hidden": 1024, "layers": 24, "intermediate": 2816, "heads": 8, "vocab": 4096, "batch": 1, "seq": 64},
 }
 GOAL = 0.65  # FSDP2 per-rank peak / DDP per-rank peak, weights configuration
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -220,6 +224,7 @@ def run_worker(args: argparse.Namespace) -> None:
         )
     except (NotImplementedError, ValueError) as err:  # refused before training: report it
         result["refused"] = f"{type(err).__name__}: {str(err)[:300]}"
+    result["cpu_s"] = own_cpu_s()  # this rank's CPU time: the driver counts it as its own load, not others'
     out = Path(args.rundir) / f"{args.run}.rank{result['rank']}.json"
     out.with_suffix(".tmp").write_text(json.dumps(result))
     out.with_suffix(".tmp").replace(out)
@@ -248,6 +253,7 @@ def spawn(args: argparse.Namespace, config: str, method: str, strategy: str, run
         time.sleep(0.5)
         files = sorted(rundir.glob(f"{run}.rank*.json"))
     ranks = [json.loads(f.read_text()) for f in files]
+    args.worker_cpu_s += sum(r.get("cpu_s", 0.0) for r in ranks)
     if not ranks:
         return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-400:].strip()}"}
     if any("refused" in r for r in ranks):
@@ -265,7 +271,7 @@ def _mib(n: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=["bench", "weights"], choices=list(CONFIGS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
@@ -281,8 +287,10 @@ def main() -> None:
         return
     if args.device == "cuda" and torch.cuda.device_count() < 2:
         sys.exit("error: --device cuda needs 2 GPUs")
-    load = OthersLoad(who=(__import__("resource").RUSAGE_SELF, __import__("resource").RUSAGE_CHILDREN)).start()
-    t0 = time.perf_counter()
+    # The ranks are the driver's grandchildren (Lightning starts rank 1 from rank 0): their CPU time comes from
+    # their own reports, not from RUSAGE_CHILDREN, so that "other processes" means other processes.
+    args.worker_cpu_s = 0.0
+    busy0, own0, t0 = machine_busy_s(), own_cpu_s(), time.perf_counter()
     results: dict[tuple[str, str, str], dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs:
@@ -290,7 +298,11 @@ def main() -> None:
                 for strategy in STRATEGIES:
                     results[config, method, strategy] = spawn(args, config, method, strategy, Path(tmp))
                     print(f"  {config:8s} {method:8s} {strategy:6s} {results[config, method, strategy]}", flush=True)
-    others = load.stop()
+    busy1, elapsed = machine_busy_s(), time.perf_counter() - t0
+    others = None
+    if busy0 is not None and busy1 is not None and elapsed > 0:
+        mine = own_cpu_s() - own0 + args.worker_cpu_s
+        others = max(0.0, (busy1 - busy0) - mine) / (elapsed * (os.cpu_count() or 1))
     print(
         f"\nfsdp2_memory: {datetime.date.today()}, {device_name(args.device)}, {cores()} cores, torch "
         f"{torch.__version__}; {args.warmup} warm-up + {args.steps} measured steps; "

@@ -189,7 +189,7 @@ def _unpack(blob: bytes) -> torch.Tensor:
 def _pack_when_sharded(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     """Under FSDP2, hand the growing bookkeeping buffers to a distributed checkpoint as safetensors bytes.
 
-    A distributed checkpoint (``torch.distributed.checkpoint``, what ``ModelParallelStrategy`` writes) loads
+    A distributed checkpoint (DCP, what ``ModelParallelStrategy`` writes) loads
     *into* the tensors of the model's current ``state_dict``, and refuses a size that differs: a fresh model's
     buffers are empty, a trained one's hold every selected entry. Bytes load as a whole object instead;
     :meth:`SparseDeltaLayer._load_from_state_dict` turns them back into tensors. Unsharded models keep tensors.
