@@ -12,6 +12,7 @@ import os
 import platform
 import resource
 import time
+from typing import Any
 
 ENV = "LIGHTNING_PEFT_BENCH_SUMMARY"  # names the JSON-lines file run_all.py collects
 
@@ -124,3 +125,31 @@ def device_name(device: str) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def llama_config(size: dict[str, int]) -> Any:
+    """The benchmarks' ``LlamaConfig`` from a size dict (``vocab``, ``hidden``, ``intermediate``, ``layers``, ``heads``,
+    ``seq``): as many key/value heads as heads, no KV cache."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=size["vocab"],
+        hidden_size=size["hidden"],
+        intermediate_size=size["intermediate"],
+        num_hidden_layers=size["layers"],
+        num_attention_heads=size["heads"],
+        num_key_value_heads=size["heads"],
+        max_position_embeddings=max(512, size["seq"]),
+        use_cache=False,
+    )
+
+
+def rank_device(kind: str) -> Any:
+    """This rank's device: ``cuda:LOCAL_RANK`` (made the current one) for ``"cuda"``, else the CPU."""
+    import torch
+
+    if kind != "cuda":
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # set by Lightning for the ranks it starts
+    torch.cuda.set_device(device)
+    return device

@@ -51,9 +51,11 @@ import torch  # noqa: E402
 from common import (  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
     cores,
     device_name,
+    llama_config,
     machine_busy_s,
     own_cpu_s,
     peak_rss_bytes,
+    rank_device,
     record,
     reset_peak_rss,
     rss_bytes,
@@ -110,33 +112,21 @@ def run_worker(args: argparse.Namespace) -> None:
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.utils.data import DataLoader
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     import lightning_peft
     from lightning_peft.strategies import SelectiveDDPStrategy  # noqa: F401  (registers "ddp_selective")
 
     cfg = CONFIGS[args.config]
     cuda = args.device == "cuda"
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    device = rank_device(args.device)
     max_steps = args.warmup + args.steps
 
     class Bench(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(0)
-            config = LlamaConfig(
-                vocab_size=cfg["vocab"],
-                hidden_size=cfg["hidden"],
-                intermediate_size=cfg["intermediate"],
-                num_hidden_layers=cfg["layers"],
-                num_attention_heads=cfg["heads"],
-                num_key_value_heads=cfg["heads"],
-                max_position_embeddings=max(512, cfg["seq"]),
-                use_cache=False,
-            )
-            self.model = LlamaForCausalLM(config)
+            self.model = LlamaForCausalLM(llama_config(cfg))
 
         def configure_model(self) -> None:
             if self.device_mesh is not None and not lightning_peft.distributed.is_sharded(self.model):

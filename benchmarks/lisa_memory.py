@@ -59,9 +59,11 @@ import torch  # noqa: E402
 from common import (  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
     cores,
     device_name,
+    llama_config,
     machine_busy_s,
     own_cpu_s,
     peak_rss_bytes,
+    rank_device,
     record,
     reset_peak_rss,
     rss_bytes,
@@ -82,21 +84,6 @@ NOISY = 0.10  # share of the CPUs used by other processes above which a run is f
 
 
 # ----------------------------------------------------------------------------------------------- worker
-
-
-def llama_config(args: argparse.Namespace) -> Any:
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=max(512, args.seq),
-        use_cache=False,
-    )
 
 
 def composition(model: torch.nn.Module) -> dict[str, int]:
@@ -129,10 +116,7 @@ def run_worker(args: argparse.Namespace) -> None:
 
     spec = SPEC[args.worker]
     cuda = args.device == "cuda"
-    # under DDP each rank has its own GPU (LOCAL_RANK: set by Lightning for the ranks it launches)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    device = rank_device(args.device)  # under DDP each rank has its own GPU
     procs, measured_from = spec["procs"], args.warmup
     max_steps = args.warmup + args.steps
 
@@ -140,7 +124,7 @@ def run_worker(args: argparse.Namespace) -> None:
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(args.seed)
-            self.model = LlamaForCausalLM(llama_config(args))
+            self.model = LlamaForCausalLM(llama_config(vars(args)))
 
         def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
             return self.model(input_ids=batch, labels=batch, use_cache=False).loss

@@ -47,6 +47,7 @@ import torch  # noqa: E402
 from common import (  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
     OthersLoad,
     device_name,
+    llama_config,
     peak_rss_bytes,
     record,
     reset_peak_rss,
@@ -86,19 +87,9 @@ def build_model(backbone: str, size: dict[str, int], seed: int) -> nn.Module:
     """The backbone with deterministic random weights (same ``seed`` -> same weights in every process)."""
     torch.manual_seed(seed)
     if backbone == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
 
-        cfg = LlamaConfig(
-            vocab_size=size["vocab"],
-            hidden_size=size["hidden"],
-            intermediate_size=size["intermediate"],
-            num_hidden_layers=size["layers"],
-            num_attention_heads=size["heads"],
-            num_key_value_heads=size["heads"],
-            max_position_embeddings=max(512, size["seq"]),
-            use_cache=False,
-        )
-        return LlamaForCausalLM(cfg)
+        return LlamaForCausalLM(llama_config(size))
     import timm
 
     return timm.create_model(

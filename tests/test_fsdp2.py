@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fsdp2_checks import fsdp2_unavailable
 from safetensors.torch import load_file
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -25,19 +26,7 @@ sys.path.insert(0, str(SCRIPTS))  # the script's constants
 PREFIX = "base_model.model."
 
 
-def _fsdp2_unavailable() -> str | None:
-    try:
-        import torch.distributed as dist
-        from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: F401
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError as err:
-        return f"FSDP2 / ModelParallelStrategy not importable: {err}"
-    if not dist.is_available() or not dist.is_gloo_available():
-        return "torch.distributed with the gloo backend is not available"
-    return None
-
-
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(_fsdp2_unavailable() is not None, reason=str(_fsdp2_unavailable()))]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(fsdp2_unavailable() is not None, reason=str(fsdp2_unavailable()))]
 
 
 @pytest.fixture(scope="module")
