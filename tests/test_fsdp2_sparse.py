@@ -69,7 +69,8 @@ def test_events_happened(runs) -> None:
     result = runs["fsdp2"]
     state = result["info"][0]["state"]
     sizes = {k: v.numel() for k, v in buffers(result).items()}
-    active = sum(n for k, n in sizes.items() if k.endswith("_active_indices"))
+    slots = {k: v for k, v in buffers(result).items() if k.endswith("_weight_slots")}  # -1: retired
+    active = sum(int((v >= 0).sum()) for v in slots.values())
     selected = sum(n for k, n in sizes.items() if k.endswith("_weight_indices") and "_active_" not in k)
     if runs["name"] == "ID3":
         assert state["unmasker"]["next_step"] == 4 and state["unmasker"]["unmasked"] == 200

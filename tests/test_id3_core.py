@@ -104,6 +104,31 @@ def test_global_top_k_equals_brute_force_and_masks_only_grow(eps: float, exp: fl
     assert unmasker.next_step == 12
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_running_top_k_is_exact_with_many_ties_small_budgets_and_any_order(seed: int) -> None:
+    """The running pool (merge, then filter by its n-th best) equals the brute force under heavy ties."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {f"{name}.weight": (int(torch.randint(1, 300, (1,), generator=gen)),) for name in "pqrstuvw"}
+    total = sum(s[0] for s in shapes.values())
+    budget = total // 2
+    unmasker = Unmasker(budget=budget, total_steps=7, total_params=total, exp=0.0)
+    chosen: dict[str, set[int]] = {k: set() for k in shapes}
+    for step in range(8):
+        # integer gradients in a small range: most scores tie with many others, in every tensor
+        tensors = {k: (torch.randint(-3, 4, s, generator=gen).float(), torch.ones(s)) for k, s in shapes.items()}
+        n = unmasker.schedule(step)
+        expected = _brute_force(unmasker, tensors, chosen, n)
+        order = [list(shapes)[i] for i in torch.randperm(len(shapes), generator=gen).tolist()]
+        for key in order:
+            done = torch.tensor(sorted(chosen[key]), dtype=torch.long)
+            unmasker.observe(key, *tensors[key], done)
+        picked = {k: v.tolist() for k, v in unmasker.select(step).items()}
+        assert picked == expected, step
+        for key, index in picked.items():
+            chosen[key].update(index)
+    assert sum(len(v) for v in chosen.values()) == budget
+
+
 def test_ties_break_by_key_then_index() -> None:
     unmasker = Unmasker(budget=5, total_steps=1, total_params=12, exp=0.0)
     for key in ("z", "m", "a"):
