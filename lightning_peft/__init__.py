@@ -30,6 +30,7 @@ _LAZY = {
     "SelectiveDDPStrategy": "lightning_peft.strategies",
     "shard": "lightning_peft.distributed",
     "ZooPublisher": "lightning_peft.callbacks",
+    "AdapterCheckpoints": "lightning_peft.callbacks",
     "AdaLoRAConfig": "lightning_peft.adapters",
     "LoRAConfig": "lightning_peft.adapters",
     "inject_adapters": "lightning_peft.adapters",

@@ -454,6 +454,7 @@ class SparseDeltaLayer(nn.Module):
         self.merged = True
         self._fast = _fast_kind(base_layer)
         self._synced_version: int | None = None
+        self._loaded = False  # a state_dict was loaded since the last forward
         self._shards: dict[str, torch.Tensor] = {}  # FSDP2: the sharded parameter of each name, once seen
         self._requires_grad = {n: p.requires_grad for n, p in base_layer.named_parameters(recurse=False)}
         self._register_state_dict_hook(_pack_when_sharded)
@@ -572,7 +573,10 @@ class SparseDeltaLayer(nn.Module):
         if not self.merged:
             return self.base_layer(*args, **kwargs)
         values = self.bank.values
-        if values._version != self._synced_version:
+        if self._loaded:  # a state_dict loaded: rebuild every selected entry (retired ones too) from the buffers
+            self._loaded = False
+            self.sync()
+        elif values._version != self._synced_version:
             self._sync_active()
         if not (values.requires_grad and torch.is_grad_enabled()):
             return self.base_layer(*args, **kwargs)
@@ -849,7 +853,10 @@ class SparseDeltaLayer(nn.Module):
                     self._set(name, field, torch.empty(incoming.shape, dtype=own.dtype, device=own.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
         for name in self.param_names:
-            self._refresh(name)  # also forces a resync on the next forward, after the bank has loaded too
+            self._refresh(name)
+        # The next forward (the bank has loaded by then) rewrites every selected entry: a checkpoint that left the
+        # frozen weights out (AdapterCheckpoints) loads pretrained values into them, retired entries included.
+        self._loaded = True
 
     def extra_repr(self) -> str:
         parts = [

@@ -146,6 +146,15 @@ class MethodCallback(Callback):
         """What the method decided during training, for the zoo manifest (e.g. LISA's layer counts)."""
         return {}
 
+    def changed_names(self, root: nn.Module) -> set[str]:
+        """Names (in ``root.named_parameters()``) of parameters frozen now that training has changed so far.
+
+        An adapter-only checkpoint (:class:`~lightning_peft.callbacks.AdapterCheckpoints`) keeps them with what
+        trains now. None for the adapter methods (the base never changes) and the sparse ones (their merged
+        entries are rebuilt from their bookkeeping buffers).
+        """
+        return set()
+
     def write_pictures(self, folder: Path) -> list[Path]:
         """Write the method's pictures of what it decided into ``folder`` (rank 0). Returns their paths."""
         return []

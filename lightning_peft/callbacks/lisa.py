@@ -405,6 +405,10 @@ class LISA(MethodCallback):
         return {name: p for name, p in root.named_parameters() if name in trained}
 
     @override
+    def changed_names(self, root: nn.Module) -> set[str]:
+        return set(self.changed_tensors(root))
+
+    @override
     def save(self, root: nn.Module, path: str | Path) -> Path | None:
         tensors = {k: distributed.full_tensor(v.detach()) for k, v in self.changed_tensors(root).items()}
         config = delta_config(self.method, "dense", list(tensors), self.hyperparameters())

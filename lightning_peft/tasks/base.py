@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_peft import distributed
+from lightning_peft.callbacks.checkpoints import ExplainCheckpointLoading
 from lightning_peft.tasks.loading import ResumableDataLoader
 
 __all__ = ["ClassifierSteps", "ShardedByStrategy", "TensorSplitDataModule", "TrainableAdamW"]
@@ -64,9 +65,10 @@ class ShardedByStrategy:
         rank_zero_info(f"{type(self).__name__}: sharded {name} with FSDP2 ({units - 1} blocks + the root)")
 
 
-class TrainableAdamW(ShardedByStrategy):
+class TrainableAdamW(ExplainCheckpointLoading, ShardedByStrategy):
     """``configure_optimizers``: AdamW over the parameters that require grad *when it runs* (after a callback's
-    ``setup`` chose them; LISA relies on it). Needs ``lr`` and ``weight_decay`` attributes."""
+    ``setup`` chose them; LISA relies on it). Needs ``lr`` and ``weight_decay`` attributes. ``load_from_checkpoint``
+    of a method run's training checkpoint explains what to do (:class:`ExplainCheckpointLoading`)."""
 
     lr: float
     weight_decay: float

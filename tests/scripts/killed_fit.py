@@ -1,13 +1,16 @@
 """A fit on the project's own data module that can be SIGKILLed mid-epoch and resumed from its last checkpoint.
 
 ``python tests/scripts/killed_fit.py OUT METHOD MODE`` with ``METHOD`` in ``lora``, ``adalora`` (the latter with
-``accumulate_grad_batches=2``) and ``MODE``:
+``accumulate_grad_batches=2``), ``lisa``, ``id3``, ``sara`` and ``MODE``:
 
 * ``straight``: the whole run; writes ``OUT/result.safetensors`` (what trains) and ``OUT/result.json``.
 * ``kill``: the same run with a checkpoint every ``EVERY`` optimizer steps (``OUT/ckpt/last.ckpt``); at optimizer step
   ``KILL_AT``, on the second micro-batch of the accumulation window (mid-epoch, mid-window), the process sends itself
   SIGKILL: no hook, no ``finally`` runs, as when a job is preempted.
 * ``resume``: the run again from ``OUT/ckpt/last.ckpt`` to the end; writes the same files as ``straight``.
+
+With ``ADAPTER_ONLY=1`` the checkpoints are written by :class:`lightning_peft.callbacks.AdapterCheckpoints` (what
+trains only); the resumed run builds a fresh model, whose base weights fill in the rest.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from lightning_peft import AdaLoRA, LoRA  # noqa: E402
+from lightning_peft import ID3, LISA, AdaLoRA, LoRA, SaRA  # noqa: E402
+from lightning_peft.callbacks import AdapterCheckpoints  # noqa: E402
 from lightning_peft.tasks import DigitsDataModule, ImageClassifier  # noqa: E402
 
 EPOCHS, EVERY, KILL_AT = 2, 5, 33  # 45 batches an epoch: the checkpoint at step 30 is mid-epoch either way
@@ -46,7 +50,7 @@ class Record(Callback):
         self.labels.append(int(batch[1][:4].sum()))  # a fingerprint of each batch trained on, in order
 
     def on_train_end(self, trainer, pl_module) -> None:
-        state = {k: v.detach().contiguous() for k, v in pl_module.state_dict().items() if ".lora_" in k or "head" in k}
+        state = {k: v.detach().contiguous() for k, v in pl_module.state_dict().items()}  # the whole model
         save_file(state, str(self.out / "result.safetensors"))
         info: dict = {"step": trainer.global_step, "labels": self.labels}
         ada = next((c for c in trainer.callbacks if isinstance(c, AdaLoRA)), None)
@@ -66,11 +70,20 @@ def main() -> None:
         lr=1e-2,
     )
     accumulate = int(os.environ.get("ACCUMULATE", 2 if method == "adalora" else 1))
+    peft: Callback
     if method == "lora":
-        peft: Callback = LoRA(r=2, init="nonzero", modules_to_save=["head"])
-    else:
+        peft = LoRA(r=2, init="nonzero", modules_to_save=["head"])
+    elif method == "adalora":
         peft = AdaLoRA(r=4, target_r=2, tinit=3, tfinal=3, deltaT=1, modules_to_save=["head"])
+    elif method == "lisa":
+        peft = LISA(n_layers=1, interval=4, always_on=["head"])
+    elif method == "id3":
+        peft = ID3(budget=300, total_steps=40, modules_to_save=["head"])
+    else:
+        peft = SaRA(fraction=0.1, reselect_at=20, rank_penalty=0.01, modules_to_save=["head"])
     callbacks: list[Callback] = [peft, Record(out)]
+    if os.environ.get("ADAPTER_ONLY") == "1":
+        callbacks.append(AdapterCheckpoints())
     if mode != "straight":
         callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=EVERY, save_last=True))
     if mode == "kill":
