@@ -97,8 +97,8 @@ from torch import nn  # noqa: E402
 
 PARTS = ("llama", "unet")
 CONFIGS: dict[str, tuple[str, ...]] = {
-    "llama": ("full", "lora", "id3", "id3_steady", "id3_masked"),
-    "unet": ("full", "lora", "sara", "sara_masked", "sara_all"),
+    "llama": ("full", "lora", "id3", "id3_steady", "id3_masked", "floor"),
+    "unet": ("full", "lora", "sara", "sara_masked", "sara_all", "floor"),
 }
 LABELS = {
     "full": "full FT",
@@ -109,6 +109,7 @@ LABELS = {
     "sara": "SaRA 10 %, sparse core",
     "sara_masked": "SaRA 10 %, reference-like (dense AdamW, masked grads)",
     "sara_all": "SaRA 10 % of all conv + linear, sparse core",
+    "floor": "floor: frozen model, backward to the input only",
 }
 RESULT_MARK = "__SPARSE_MEMORY_RESULT__ "
 NOISY = 0.10  # share of the CPUs used by other processes above which a measurement is flagged as disturbed
@@ -283,6 +284,22 @@ class LoRA(Method):
 
         adapted = inject_adapters(model, LoRAConfig(r=args.r, alpha=args.alpha, target_modules=targets))
         self.info["layers"] = len(adapted)
+
+
+class Floor(Method):
+    """The floor of every method that trains something inside the network: the model frozen, one trained scalar on
+    the first layer's output, so the backward runs through every block (keeping what input gradients need) but
+    computes no weight gradient and the optimizer holds one number."""
+
+    def __init__(self, model: nn.Module, part: str) -> None:
+        super().__init__()
+        model.requires_grad_(False)
+        self.scale = nn.Parameter(torch.ones(()))
+        first = model.model.embed_tokens if part == "llama" else model.conv_in
+        first.register_forward_hook(lambda module, args, out: out * self.scale)
+
+    def params(self, model: nn.Module) -> list[nn.Parameter]:
+        return [self.scale]
 
 
 class SparseBase(Method):
@@ -473,6 +490,8 @@ class SaRAMasked(MaskedBase):
 def make_method(part: str, config: str, model: nn.Module, args: argparse.Namespace) -> Method:
     if config == "full":
         return Full(model)
+    if config == "floor":
+        return Floor(model, part)
     targets = preset_targets(model)
     if config == "lora":
         return LoRA(model, targets, args)
