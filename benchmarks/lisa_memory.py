@@ -11,7 +11,10 @@ causal-LM loss) by a real ``lightning.Trainer`` with a small ``LightningModule``
 * ``lisa``: the ``LISA`` callback, ``n_layers=2`` of the 8 blocks, a new draw every ``--interval``
   optimizer steps (several switches happen during the measured steps);
 * ``lisa_ddp``: LISA on 2 processes, ``strategy="ddp_selective"``;
-* ``full_ddp``: full fine-tuning on 2 processes, ``strategy="ddp"`` (the throughput reference).
+* ``full_ddp``: full fine-tuning on 2 processes, ``strategy="ddp"`` (the throughput reference);
+* ``lora_ddp`` and ``lora_ddp_selective``: LoRA on 2 processes under torch DDP (``strategy="ddp"``, its
+  bucketed all-reduce overlapping the backward) and under ``ddp_selective``: the same trainable set, so the
+  ratio of their steps is the cost of ``ddp_selective``'s synchronisation against torch DDP's.
 
 Each run is a fresh worker process (``--worker RUN``); under DDP Lightning relaunches this script for
 rank 1, and every rank writes its own figures (a JSON file in the ``--rundir`` the driver made).
@@ -69,13 +72,21 @@ from common import (  # noqa: E402  (benchmarks/ is on sys.path when a script ru
     rss_bytes,
 )
 
-RUNS = ("full", "lora", "lisa", "lisa_ddp", "full_ddp")
+SELECTIVE_GOAL = 1.05  # issue #15: ddp_selective step / torch DDP step on the same trainable set
+RUNS = ("full", "lora", "lisa", "lisa_ddp", "full_ddp", "lora_ddp", "lora_ddp_selective")
 SPEC: dict[str, dict[str, Any]] = {  # method, processes, Lightning strategy
     "full": {"method": "full", "procs": 1, "strategy": "auto", "label": "full FT"},
     "lora": {"method": "lora", "procs": 1, "strategy": "auto", "label": "LoRA r=8"},
     "lisa": {"method": "lisa", "procs": 1, "strategy": "auto", "label": "LISA"},
     "lisa_ddp": {"method": "lisa", "procs": 2, "strategy": "ddp_selective", "label": "LISA, DDP ddp_selective"},
     "full_ddp": {"method": "full", "procs": 2, "strategy": "ddp", "label": "full FT, DDP ddp"},
+    "lora_ddp": {"method": "lora", "procs": 2, "strategy": "ddp", "label": "LoRA r=8, DDP ddp"},
+    "lora_ddp_selective": {
+        "method": "lora",
+        "procs": 2,
+        "strategy": "ddp_selective",
+        "label": "LoRA r=8, DDP ddp_selective",
+    },
 }
 NOISY = 0.10  # share of the CPUs used by other processes above which a run is flagged as disturbed
 
@@ -498,6 +509,12 @@ def report(args: argparse.Namespace, res: dict[str, dict[str, Any]], wall_s: flo
     notes = []
     if "lisa_ddp" in res and "full_ddp" in res:
         notes.append(f"DDP scaling LISA (ddp_selective) / full FT (ddp): {scale['lisa'] / scale['full']:.3f}.")
+    if "lora_ddp" in res and "lora_ddp_selective" in res:
+        ratio = res["lora_ddp_selective"]["step_s"] / res["lora_ddp"]["step_s"]
+        notes.append(
+            f"Same trainable set (LoRA r=8), 2 processes: ddp_selective step / torch DDP step = {ratio:.3f} "
+            f"(goal <= {SELECTIVE_GOAL}): {'**PASS**' if ratio <= SELECTIVE_GOAL else '**MISS**'}."
+        )
     if res.get("lisa_ddp", {}).get("reduce_s") is not None:
         r = res["lisa_ddp"]
         notes.append(
