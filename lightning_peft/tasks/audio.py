@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import TensorDataset
 
+from lightning_peft._deps import require
 from lightning_peft.tasks.base import ClassifierSteps, TensorSplitDataModule
 
 __all__ = ["AudioClassifier", "TwoNoteMelodyDataModule", "log_mel_spectrogram", "mel_filter_bank"]
@@ -239,7 +240,8 @@ class AudioClassifier(ClassifierSteps, pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        from transformers import ASTConfig, ASTForAudioClassification
+        transformers = require("transformers", "AudioClassifier")
+        ASTConfig, ASTForAudioClassification = transformers.ASTConfig, transformers.ASTForAudioClassification  # noqa: N806
 
         self.num_classes, self.lr, self.weight_decay = num_classes, lr, weight_decay
         if pretrained is not None:

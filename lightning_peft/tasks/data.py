@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from lightning_peft._deps import require
 from lightning_peft.tasks.base import TensorSplitDataModule
 
 __all__ = ["DigitsDataModule"]
@@ -53,11 +54,7 @@ class DigitsDataModule(TensorSplitDataModule):
     def setup(self, stage: str) -> None:
         if self.train_set is not None:
             return
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError("DigitsDataModule needs scikit-learn: pip install scikit-learn") from err
-        digits = load_digits()
+        digits = require("sklearn.datasets", "DigitsDataModule").load_digits()
         x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
         x = (x - 0.5) / 0.5
         if self.image_size != 8:

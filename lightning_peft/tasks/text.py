@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from lightning_peft._deps import require
 from lightning_peft.tasks.base import ClassifierSteps, TensorSplitDataModule, TrainableAdamW
 
 __all__ = [
@@ -161,9 +162,7 @@ class DocstringCorpusDataModule(TensorSplitDataModule):
         """Token ids of ``text`` (bytes, or the tokenizer's ids without special tokens)."""
         if self.tokenizer is None:
             return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(self.tokenizer)
+        tok = require("transformers", "a tokenizer").AutoTokenizer.from_pretrained(self.tokenizer)
         self.vocab_size = len(tok)
         return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
@@ -171,9 +170,8 @@ class DocstringCorpusDataModule(TensorSplitDataModule):
         """Text of token ids (bytes that are not valid UTF-8 become U+FFFD)."""
         if self.tokenizer is None:
             return bytes(ids.tolist()).decode("utf-8", errors="replace")
-        from transformers import AutoTokenizer
-
-        return str(AutoTokenizer.from_pretrained(self.tokenizer).decode(ids.tolist()))
+        tokenizer = require("transformers", "a tokenizer").AutoTokenizer.from_pretrained(self.tokenizer)
+        return str(tokenizer.decode(ids.tolist()))
 
     def _blocks(self, ids: torch.Tensor) -> torch.Tensor:
         n = len(ids) // self.block_size
@@ -233,8 +231,9 @@ class CausalLMModule(TrainableAdamW, pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        transformers = require("transformers", "CausalLMModule")
+        LlamaConfig, LlamaForCausalLM = transformers.LlamaConfig, transformers.LlamaForCausalLM  # noqa: N806
         from torchmetrics.aggregation import MeanMetric
-        from transformers import LlamaConfig, LlamaForCausalLM
 
         self.lr, self.weight_decay = lr, weight_decay
         if pretrained is not None:
@@ -447,9 +446,8 @@ class SentimentTemplatesDataModule(TensorSplitDataModule):
         return splits
 
     def _encode(self, pairs: list[tuple[str, int]]) -> TensorDataset:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(self.tokenizer or bundled_minilm_path())
+        transformers = require("transformers", type(self).__name__)
+        tok = transformers.AutoTokenizer.from_pretrained(self.tokenizer or bundled_minilm_path())
         enc = tok([s for s, _ in pairs], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         labels = torch.tensor([label for _, label in pairs], dtype=torch.long)
         return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)
@@ -517,7 +515,8 @@ class SentenceClassifier(ClassifierSteps, pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        from transformers import AutoConfig, AutoModel
+        transformers = require("transformers", "SentenceClassifier")
+        AutoConfig, AutoModel = transformers.AutoConfig, transformers.AutoModel  # noqa: N806
 
         self.num_classes, self.lr, self.weight_decay = num_classes, lr, weight_decay
         path = model_name or bundled_minilm_path()
