@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (Python >= 3.10; the venv is created on first use):
-#   make quickstart   fine-tune a ViT on scikit-learn's digits with LoRA (offline, CPU, well under 2 minutes)
+#   make quickstart   fine-tune a ViT on scikit-learn's digits with AdaLoRA (offline, CPU, well under 2 minutes)
 #   make test         the whole test suite (the same command CI runs)
 PYTHON ?= python3
 VENV ?= .venv

@@ -20,6 +20,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lightning.pytorch.cli import LightningCLI
 
+ZOO_HELP = (
+    "lightning-peft zoo {list,search,info,download,push,rm}: the adapter zoo (local folder or the Hugging Face Hub); "
+    "lightning-peft zoo --help for its commands.\n"
+    "lightning-peft {fit,validate,test,predict} --config recipe.yaml: train with a LightningCLI recipe (below)."
+)
+
 __all__ = ["PeftCLI", "build_cli", "main"]  # noqa: F822 - PeftCLI is defined on first use (module __getattr__)
 
 
@@ -67,6 +73,8 @@ def main() -> None:
         from lightning_peft.zoo.cli import main as zoo_main
 
         sys.exit(zoo_main(sys.argv[2:]))
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(ZOO_HELP)
     build_cli()
 
 

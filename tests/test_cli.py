@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +41,32 @@ def test_recipe_parses_and_instantiates(recipe: Path, monkeypatch, tmp_path) -> 
     assert any(isinstance(cb, MethodCallback) for cb in cli.trainer.callbacks) or recipe.parent.name == "zoo"
 
 
-def test_quickstart_runs_with_interpolated_paths(monkeypatch, tmp_path) -> None:
+def readme_quickstart_lines() -> list[str]:
+    """The output lines the README quotes after "It ends with" (the quickstart's last lines)."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("It ends with", 1)[1].split("```", 2)[1]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def line_pattern(line: str) -> re.Pattern:
+    """A README output line as a pattern: numbers, hex revisions and elided paths (…) vary from run to run."""
+    out = ""
+    for token in re.split(r"(\S*…\S*|\b[0-9a-f]{12}\b|\d+(?:\.\d+)?)", line):
+        if not token:
+            continue
+        if "…" in token:
+            out += r"\S+"
+        elif re.fullmatch(r"[0-9a-f]{12}", token):
+            out += "[0-9a-f]+"
+        elif re.fullmatch(r"\d+(?:\.\d+)?", token):
+            out += r"\d+(?:\.\d+)?"
+        else:
+            out += re.escape(token)
+    return re.compile(out)
+
+
+def test_quickstart_runs_with_interpolated_paths(monkeypatch, tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LIGHTNING_PEFT_ZOO", str(tmp_path / "zoo"))
     # a 2-step run: the recipe's 50 warm-up + 100 final AdaLoRA steps would not fit (that is an error)
@@ -65,6 +92,12 @@ def test_quickstart_runs_with_interpolated_paths(monkeypatch, tmp_path) -> None:
     assert entry.name == "quickstart-vit-digits-adalora" and entry.method == "adalora" and "val_acc" in entry.metrics
     files = {p.name for p in Path(entry.location).iterdir()}
     assert {"config.yaml", "adalora_ranks.png", "README.md", "lightning_peft.json"} <= files
+    # the README's quoted output is what the quickstart prints (numbers and paths aside)
+    printed = [r.getMessage() for r in caplog.records]
+    quoted = readme_quickstart_lines()
+    assert len(quoted) >= 4
+    for line in quoted:
+        assert any(line_pattern(line).search(p) for p in printed), f"README quotes {line!r}; the run printed {printed}"
 
 
 def test_console_script_help() -> None:
@@ -78,3 +111,12 @@ def test_console_script_help() -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--trainer.callbacks" in out.stdout
+
+
+def test_top_level_help_names_the_zoo() -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_peft.cli", "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "lightning-peft zoo" in out.stdout and "fit" in out.stdout
