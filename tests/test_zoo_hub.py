@@ -44,6 +44,9 @@ def test_publish_search_download_load_and_revisions(hub, tmp_path, monkeypatch) 
     (row,) = remote.search("llama", method="lora")
     assert row.name == f"{hub.user}/llama-qv" and row.revision == first and "lightning-peft" in row.tags
     assert remote.search("nothing-like-this") == [] and remote.search(method="adalora") == []
+    # the same matching as the local zoo: the method in any case, a base-model substring, the query over all fields
+    for hit in (remote.search(method="LoRA"), remote.search(base_model="TINY"), remote.search("tiny/ll")):
+        assert [r.name for r in hit] == [f"{hub.user}/llama-qv"]
     assert [r.name for r in remote.list()] == [f"{hub.user}/llama-qv"]
     fresh = FAMILIES["llama"](seed=0).eval()
     zoo.load(fresh, "llama-qv", zoo=remote)

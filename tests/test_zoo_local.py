@@ -189,6 +189,17 @@ def test_a_publish_killed_mid_write_leaves_no_entry(tmp_path) -> None:
     assert local.revisions("k") == [revision]
 
 
+def test_search_finds_what_a_user_types(local) -> None:
+    model, config = trained()
+    zoo.publish(model, "llama-qv", config, zoo=local, base_model="org/tiny-llama-v1")
+    found = lambda *a, **k: [e.name for e in zoo.search(*a, zoo=local, **k)]  # noqa: E731
+    assert found(method="LoRA") == found(method="lora") == ["llama-qv"]  # the method in any case
+    assert found(base_model="tiny") == found(base_model="TINY-LLAMA") == ["llama-qv"]  # a substring of the base
+    assert found("tiny-llama") == found("LORA") == found("QV") == ["llama-qv"]  # query: name, method, base, tags
+    assert found("lightning-peft") == ["llama-qv"]
+    assert found(method="lisa") == found(base_model="mistral") == found("nothing-like-this") == []
+
+
 def test_cli_list_search_info_download_rm(local, tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("COLUMNS", "200")
     model, config = trained()

@@ -183,7 +183,8 @@ def publish(
 def search(
     query: str | None = None, *, method: str | None = None, base_model: str | None = None, zoo: Zoo | str | None = None
 ) -> list[EntryInfo]:
-    """Entries matching ``query`` (substring of the name), ``method`` and ``base_model``."""
+    """Entries matching ``query``, ``method`` and ``base_model``, case-insensitively: ``query`` is a substring of the
+    name, method, base model or a tag, ``base_model`` a substring of the base model's id (:meth:`EntryInfo.matches`)."""
     return resolve_zoo(None, zoo).search(query, method=method, base_model=base_model)
 
 

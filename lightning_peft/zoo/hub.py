@@ -382,13 +382,14 @@ class HubZoo:
         base_model: str | None = None,
         author: str | None = None,
     ) -> builtins.list[EntryInfo]:
-        """Repos tagged ``lightning-peft`` (and ``method``), by any author unless given, whose id contains ``query``."""
-        tags = ["lightning-peft"] + ([method] if method else [])
+        """Repos tagged ``lightning-peft``, by any author unless given, that match as local entries do
+        (:meth:`EntryInfo.matches`). The Hub is asked for the ``lightning-peft`` tag (and the method's, lower case);
+        the query is matched here, over the id, the method, the base model and the tags (the Hub's own ``search``
+        looks at ids only)."""
+        tags = ["lightning-peft"] + ([method.lower()] if method else [])
         with self._call(None):
-            rows = self._rows(self.api.list_models(filter=tags, author=author, search=query))
-        if base_model:
-            rows = [r for r in rows if r.base_model == base_model]
-        return rows
+            rows = self._rows(self.api.list_models(filter=tags, author=author))
+        return [r for r in rows if r.matches(query, method, base_model)]
 
     def rm(self, name: str) -> None:
         """Delete the entry's repo."""

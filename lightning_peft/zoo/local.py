@@ -61,6 +61,19 @@ class EntryInfo:
             tags=["lightning-peft", manifest.get("method", "")],
         )
 
+    def matches(self, query: str | None = None, method: str | None = None, base_model: str | None = None) -> bool:
+        """What ``zoo search`` finds, the same for every zoo: case-insensitive throughout; ``method`` names the
+        method (``LISA`` = ``lisa``); ``base_model`` is a substring of the base model's id; ``query`` a substring of
+        the name, the method, the base model or a tag."""
+        if method and self.method.lower() != method.lower():
+            return False
+        if base_model and base_model.lower() not in (self.base_model or "").lower():
+            return False
+        if query:
+            fields = [self.name, self.method, self.base_model or "", *self.tags]
+            return any(query.lower() in text.lower() for text in fields)
+        return True
+
 
 def default_root() -> Path:
     """``$LIGHTNING_PEFT_ZOO``, else ``$XDG_CACHE_HOME/lightning-peft/zoo``, else ``~/.cache/lightning-peft/zoo``."""
@@ -193,15 +206,8 @@ class LocalZoo:
     def search(
         self, query: str | None = None, method: str | None = None, base_model: str | None = None
     ) -> builtins.list[EntryInfo]:
-        """Entries whose name contains ``query`` (case-insensitive), of ``method``, trained on ``base_model``."""
-        found = self.list()
-        if query:
-            found = [e for e in found if query.lower() in e.name.lower()]
-        if method:
-            found = [e for e in found if e.method == method]
-        if base_model:
-            found = [e for e in found if e.base_model == base_model]
-        return found
+        """Entries that match (:meth:`EntryInfo.matches`: case-insensitive substrings of name, method, base model, tags)."""
+        return [e for e in self.list() if e.matches(query, method, base_model)]
 
     def rm(self, name: str) -> None:
         """Delete an entry with all its revisions."""
