@@ -206,7 +206,7 @@ class LocalZoo:
     def search(
         self, query: str | None = None, method: str | None = None, base_model: str | None = None
     ) -> builtins.list[EntryInfo]:
-        """Entries that match (:meth:`EntryInfo.matches`: case-insensitive substrings of name, method, base model, tags)."""
+        """Entries that match (:meth:`EntryInfo.matches`: case-insensitive, over name, method, base model, tags)."""
         return [e for e in self.list() if e.matches(query, method, base_model)]
 
     def rm(self, name: str) -> None:
