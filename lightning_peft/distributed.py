@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "GradientReducer",
     "all_reduce",
     "all_reduce_coalesced",
     "barrier",
@@ -165,6 +166,132 @@ def broadcast_coalesced(tensors: list[torch.Tensor], src: int = 0, bucket_bytes:
     """Overwrite many tensors in place with rank ``src``'s values, packed into flat buckets."""
     if is_distributed() and tensors:
         _coalesced(tensors, lambda t: broadcast_tensor(t, src), bucket_bytes)
+
+
+class GradientReducer:
+    """Asynchronous mean all-reduce of many parameters' gradients, in flat buckets launched in a fixed order.
+
+    The parameters are packed, in the order given, into buckets of one dtype and device of at most
+    ``bucket_bytes`` (as :func:`all_reduce_coalesced` does). Every rank must build its reducer from the same
+    parameters in the same order: bucket ``i`` is then the same tensors everywhere, and since the buckets are
+    launched in order only (bucket ``i`` after buckets ``< i``), the collectives match across ranks whichever
+    rank's gradients arrive first.
+
+    One reduction: :meth:`start`, then :meth:`ready` for each parameter whose gradient is complete (from a
+    ``register_post_accumulate_grad_hook`` hook: a bucket is launched as soon as it and every bucket before it
+    are complete, while the backward goes on), then :meth:`finish`, which launches the buckets not launched yet,
+    waits for all of them and writes the means back into ``param.grad``. A gradient missing on this rank
+    (the parameter was unused in its forward) counts as zeros; one missing on every rank stays ``None`` (one
+    small all-reduce of a presence vector tells). The gradients are copied into the buckets when a bucket is
+    launched, so ``param.grad`` holds this rank's own gradient until :meth:`finish` overwrites it.
+
+    Every rank gets the same bytes: the sum is all-reduced and each rank divides it by the world size.
+    Without a process group of several ranks nothing is sent and the gradients stay as they are.
+
+    Args:
+        params: the parameters whose gradients are reduced, in the same order on every rank.
+        bucket_bytes: the largest bucket (a bigger tensor goes alone).
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(3))
+        >>> reducer = GradientReducer([w], bucket_bytes=1 << 20)
+        >>> reducer.start()
+        >>> w.grad = torch.full((3,), 2.0)
+        >>> reducer.ready(w), reducer.complete
+        (1, True)
+        >>> reducer.finish()
+        0
+        >>> w.grad.tolist()
+        [2.0, 2.0, 2.0]
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], bucket_bytes: int) -> None:
+        self.params = list(params)
+        self.buckets: list[list[torch.nn.Parameter]] = _buckets(self.params, bucket_bytes)  # type: ignore[arg-type,assignment]
+        self._bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self.active = False
+        self._missing: list[int] = []
+        self._flats: list[tuple[torch.Tensor, Any]] = []
+
+    def start(self) -> None:
+        """Begin a reduction: no bucket is launched and no gradient is counted as ready yet."""
+        self._missing = [len(bucket) for bucket in self.buckets]
+        self._flats = []
+        self.active = True
+
+    @property
+    def complete(self) -> bool:
+        """Whether every bucket of this reduction has been launched."""
+        return len(self._flats) == len(self.buckets)
+
+    def ready(self, param: torch.nn.Parameter) -> int:
+        """``param``'s gradient is complete: launch its bucket, and those after it, once they and all before are.
+
+        Returns the number of buckets launched now (0 for a parameter the reducer does not hold).
+
+        Raises:
+            RuntimeError: ``param``'s bucket was already sent, or the reduction has finished (its gradient changed
+                after it was complete, e.g. a second backward in one reduction).
+        """
+        index = self._bucket_of.get(id(param))
+        if index is None:
+            return 0
+        if not self.active or index < len(self._flats):
+            raise RuntimeError(
+                "a gradient was accumulated again after its bucket was all-reduced (two backward passes in one "
+                "optimizer step?): reduce synchronously instead (SelectiveDDPStrategy(overlap=False))"
+            )
+        self._missing[index] -= 1
+        launched = 0
+        while not self.complete and self._missing[len(self._flats)] <= 0:
+            self._launch()
+            launched += 1
+        return launched
+
+    def finish(self) -> int:
+        """Launch the buckets not launched yet, wait for all, and write the means into ``param.grad``.
+
+        Returns the number of buckets launched now; nothing happens (0) when the reduction is not active.
+        """
+        if not self.active:
+            return 0
+        self.active = False
+        launched = len(self.buckets) - len(self._flats)
+        if not is_distributed():
+            self._flats = []
+            return launched
+        while not self.complete:
+            self._launch()
+        present = torch.tensor([p.grad is not None for p in self.params], dtype=torch.float32)
+        all_reduce(present, "sum")
+        anywhere = dict(zip(map(id, self.params), present.tolist(), strict=True))
+        world = get_world_size()
+        for bucket, (flat, work) in zip(self.buckets, self._flats, strict=True):
+            work.wait()
+            flat.div_(world)
+            offset = 0
+            for p in bucket:
+                mean = flat[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+                if not anywhere[id(p)]:
+                    p.grad = None
+                elif p.grad is None:
+                    p.grad = mean.to(p.device, copy=True)
+                else:
+                    p.grad.copy_(mean)
+        self._flats = []
+        return launched
+
+    def _launch(self) -> None:
+        """Pack the next bucket (zeros for a missing gradient) and start its all-reduce (sum) without waiting."""
+        bucket = self.buckets[len(self._flats)]
+        if not is_distributed():
+            self._flats.append((torch.empty(0), None))
+            return
+        device = _backend_device()
+        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket]
+        flat = torch.cat(parts).to(device)
+        self._flats.append((flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)))
 
 
 def load_optimizer_state(

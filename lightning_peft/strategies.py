@@ -10,22 +10,34 @@ exist, then freezes all but the sampled ones, so under plain DDP the step after 
 
 This strategy keeps Lightning's DDP machinery (process launch, process group, distributed samplers,
 ``reduce``/``broadcast``/``barrier``) but does not wrap the model. Instead, inside every optimizer
-step, right after the backward closure and before ``on_before_optimizer_step`` hooks, gradient
-clipping and the update, it all-reduces (mean) the gradients of exactly the parameters that require
-grad *now*, packed into flat buckets (``bucket_cap_mb``). So
+step it all-reduces (mean) the gradients of exactly the parameters that require grad *now*, packed
+into flat buckets (``bucket_cap_mb``), before ``on_before_optimizer_step`` hooks, gradient clipping
+and the update. So
 
 * whatever is trainable at this step is synchronised, whenever it became trainable;
 * frozen parameters cost no gradient memory and no communication;
-* with gradient accumulation gradients are reduced once per optimizer step (DDP reduces every
-  micro-batch unless ``no_sync`` is used);
+* with gradient accumulation gradients are reduced once per optimizer step, on the micro-batch that
+  ends the accumulation (DDP reduces every micro-batch unless ``no_sync`` is used);
 * the model starts identical on every rank: rank 0's parameters and buffers are broadcast when the
   strategy sets up (what DDP does when it wraps), and buffers again after every optimizer step when
   ``broadcast_buffers`` (DDP broadcasts them before every forward).
 
-The price is that communication does not overlap the backward pass as DDP's bucketed hooks do; on
-CPU and for the small trainable sets of PEFT methods it is a small share of a step (see
-``benchmarks/lisa_memory.py``). Any lightning-peft method runs under it; LISA requires it for
-multi-process training.
+With ``overlap=True`` (the default) communication overlaps the backward pass, as DDP's does: a
+``register_post_accumulate_grad_hook`` hook on each trainable parameter counts its gradient as
+complete, and each bucket's asynchronous all-reduce is launched as soon as it and every bucket before
+it are complete (buckets in reverse parameter order, the same on every rank, launched in that order
+only, so the collectives match across ranks). When every bucket was sent, the backward's final
+autograd callback (as DDP's) waits for the results and writes the means back, so ``on_after_backward``
+sees them; when some gradient is missing on this rank (an unused parameter) that happens right after
+the backward closure instead: the buckets not sent yet go with zeros for the missing gradients, and a
+gradient missing on every rank stays ``None``. The buckets are rebuilt whenever the set of trainable
+parameters changes (LISA's switches). The hooks do nothing outside the backward of the micro-batch
+that ends an accumulation; manual optimization reduces synchronously after the backward, as
+``overlap=False`` always does. A parameter whose gradient is accumulated twice in one backward
+(shared across a reentrant activation-checkpointing boundary) is an error under ``overlap=True``,
+as under DDP.
+
+Any lightning-peft method runs under it; LISA requires it for multi-process training.
 
 Use ``Trainer(strategy=SelectiveDDPStrategy(), devices=2)`` or ``strategy="ddp_selective"`` (the
 name is registered when ``lightning_peft.callbacks`` or this module is imported).
@@ -33,6 +45,7 @@ name is registered when ``lightning_peft.callbacks`` or this module is imported)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -62,6 +75,12 @@ class SelectiveDDPStrategy(DDPStrategy):
         process_group_backend, timeout, start_method: as for Lightning's ``DDPStrategy``.
         broadcast_buffers: broadcast rank 0's buffers after every optimizer step (BatchNorm statistics).
         bucket_cap_mb: size of the flat buffers gradients are packed into for the all-reduce.
+        overlap: all-reduce each bucket while the backward goes on (asynchronously, from gradient hooks); the
+            buckets in flight hold a flat copy of the trainable gradients until the backward ends (as DDP's
+            buckets do). ``False`` reduces after the backward, synchronously, one bucket alive at a time.
+
+    Raises:
+        ValueError: ``bucket_cap_mb`` is not a finite number > 0, or ``overlap`` is not a bool.
 
     Example:
         >>> import lightning as L
@@ -82,9 +101,12 @@ class SelectiveDDPStrategy(DDPStrategy):
         start_method: str = "popen",
         broadcast_buffers: bool = True,
         bucket_cap_mb: float = 32.0,
+        overlap: bool = True,
     ) -> None:
-        if bucket_cap_mb <= 0:
-            raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
+        if not _is_real(bucket_cap_mb) or not math.isfinite(bucket_cap_mb) or bucket_cap_mb <= 0:
+            raise ValueError(f"bucket_cap_mb must be a finite number > 0, got {bucket_cap_mb!r}")
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be True or False, got {overlap!r}")
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -97,6 +119,19 @@ class SelectiveDDPStrategy(DDPStrategy):
         )
         self.broadcast_buffers = broadcast_buffers
         self.bucket_bytes = int(bucket_cap_mb * (1 << 20))
+        self.overlap = overlap
+        #: the overlapped reduction of the current trainable set, its signature and its gradient hooks
+        self.reducer: distributed.GradientReducer | None = None
+        self._signature: tuple[int, ...] = ()
+        self._hooks: list[Any] = []
+        self._armed = False  # inside the closure of an overlapped optimizer step
+        self._queued = False  # the backward's final callback will finish the reduction
+        #: what the reductions did so far: buckets launched from the gradient hooks while the backward ran
+        #: (``"in_backward"``) and after it (``"after_backward"``), reductions finished by the backward's final
+        #: callback (``"finished_in_backward"``) and synchronous reductions (``"synchronous"``: ``overlap=False``,
+        #: manual optimization, parameters that became trainable during the step)
+        counts = ("in_backward", "after_backward", "finished_in_backward", "synchronous")
+        self.reduction_counts = dict.fromkeys(counts, 0)
 
     @override
     def configure_ddp(self) -> None:
@@ -112,7 +147,9 @@ class SelectiveDDPStrategy(DDPStrategy):
         A parameter whose gradient is missing on some ranks (unused in their forward) takes zeros
         there; one missing on every rank stays ``None``. Returns the number of gradients reduced.
         """
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        return self._reduce_params(_trainable(optimizer))
+
+    def _reduce_params(self, params: list[nn.Parameter]) -> int:
         if not params or not distributed.is_distributed():
             return 0
         present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
@@ -135,15 +172,92 @@ class SelectiveDDPStrategy(DDPStrategy):
         model: pl.LightningModule | nn.Module | None = None,
         **kwargs: Any,
     ) -> Any:
+        overlapped = (
+            self.overlap
+            and distributed.is_distributed()
+            and getattr(self.lightning_module, "automatic_optimization", False)
+        )
+
         def closure_then_reduce() -> Any:
             result = closure()
+            self.reduction_counts["synchronous"] += 1
             self.reduce_gradients(optimizer)
             return result
 
-        output = super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
+        def closure_overlapping_reduce() -> Any:
+            # Lightning runs the backward of the micro-batch that ends an accumulation inside this closure, and
+            # those of the others outside any optimizer step: the hooks are armed for this backward only
+            params = _trainable(optimizer)
+            reducer = self._arm(params)
+            try:
+                result = closure()
+            finally:
+                self._armed = False
+                self.reduction_counts["after_backward"] += reducer.finish()  # 0 if the backward finished it
+            armed = set(map(id, params))
+            late = [p for p in _trainable(optimizer) if id(p) not in armed]
+            if late:  # became trainable during the step (the same on every rank): not in any bucket
+                self.reduction_counts["synchronous"] += 1
+                self._reduce_params(late)
+            return result
+
+        step_closure = closure_overlapping_reduce if overlapped else closure_then_reduce
+        output = super().optimizer_step(optimizer, step_closure, model, **kwargs)
         if self.broadcast_buffers and self.model is not None:
             distributed.broadcast_coalesced(_unsynced_buffers(self.model), src=0, bucket_bytes=self.bucket_bytes)
         return output
+
+    def _arm(self, params: list[nn.Parameter]) -> distributed.GradientReducer:
+        """The reducer of ``params``, started; rebuilt with new hooks when the trainable set changed."""
+        signature = tuple(map(id, params))
+        if self.reducer is None or signature != self._signature:
+            self._remove_hooks()
+            self.reducer = distributed.GradientReducer(params[::-1], self.bucket_bytes)  # backward order, like DDP
+            self._signature = signature
+            self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in params]
+        self.reducer.start()
+        self._armed, self._queued = True, False
+        return self.reducer
+
+    def _grad_ready(self, param: torch.Tensor) -> None:
+        reducer = self.reducer
+        if reducer is None or not self._armed:
+            return  # a backward outside an optimizer step's closure: accumulating, validation, manual
+        self.reduction_counts["in_backward"] += reducer.ready(param)  # type: ignore[arg-type]
+        if not self._queued:  # look again when this backward is done
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)  # type: ignore[attr-defined]
+
+    def _backward_done(self) -> None:
+        """The backward's final callback: finish, so ``on_after_backward`` sees the means, if every bucket is sent.
+
+        Otherwise some gradient is still missing on this rank: an unused parameter (the closure finishes after the
+        backward) or a nested backward (reentrant activation checkpointing) that ends before the outer one, whose
+        next hook queues this callback again.
+        """
+        self._queued = False
+        if self.reducer is not None and self.reducer.active and self.reducer.complete:
+            self.reducer.finish()
+            self.reduction_counts["finished_in_backward"] += 1
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self.reducer, self._signature = [], None, ()
+
+    @override
+    def teardown(self) -> None:
+        self._remove_hooks()
+        super().teardown()
+
+
+def _trainable(optimizer: Optimizer) -> list[nn.Parameter]:
+    """The optimizer's parameters that require grad now, in its order (the same on every rank)."""
+    return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _unsynced_buffers(model: nn.Module) -> list[torch.Tensor]:
