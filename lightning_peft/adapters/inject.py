@@ -113,7 +113,13 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> list[str]:
 
     Returns:
         The names of the layers that were unwrapped.
+
+    Raises:
+        RuntimeError: ``merge=True`` and a base layer is quantized (nothing is changed; see
+            :meth:`LoRALayer.check_merge`).
     """
+    if merge:
+        _check_merge(model)
     names = []
     for name, layer in list(adapter_layers(model)):
         if merge:
@@ -126,9 +132,25 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> list[str]:
 
 
 def merge_adapters(model: nn.Module) -> None:
-    """Merge every LoRA layer's update into its base weight (the adapters stay, inactive until unmerged)."""
+    """Merge every LoRA layer's update into its base weight (the adapters stay, inactive until unmerged).
+
+    Raises:
+        RuntimeError: a base layer is quantized (bitsandbytes 4-bit/8-bit); nothing is merged then. Merge onto
+            a floating-point copy of the base instead (see :meth:`LoRALayer.check_merge`).
+    """
+    _check_merge(model)
     for _, layer in adapter_layers(model):
         layer.merge()
+
+
+def _check_merge(model: nn.Module) -> None:
+    """Refuse before any layer merges, so a model with one quantized layer is not left half merged."""
+    for name, layer in adapter_layers(model):
+        if not layer.merged:
+            try:
+                layer.check_merge()
+            except RuntimeError as err:
+                raise RuntimeError(f"{name}: {err}") from None
 
 
 def unmerge_adapters(model: nn.Module) -> None:

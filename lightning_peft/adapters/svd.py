@@ -90,12 +90,12 @@ class AdaLoRAConfig(LoRAConfig):
         """``alpha / r`` with the *initial* rank, kept when a layer is pruned or shrunk."""
         return self.alpha / self.r
 
-    def make_layer(self, base_layer: nn.Module) -> SVDLoRALayer:
-        return SVDLoRALayer(base_layer, r=self.r, scaling=self.scaling, dropout=self.dropout, init=self.init)
+    def _layer_type(self) -> type[LoRALayer]:
+        return SVDLoRALayer
 
 
 class SVDLoRALayer(LoRALayer):
-    """``base(x) + B(diag(E) A(dropout(x))) * scaling`` around a frozen Linear, Conv2d or Conv1D.
+    """``base(x) + B(diag(E) A(dropout(x))) * scaling`` around a frozen Linear, Conv2d, Conv1D or bitsandbytes Linear.
 
     ``lora_A``/``lora_B`` have :class:`LoRALayer`'s shapes; ``lora_E`` is ``(r, 1)``.
 
@@ -105,9 +105,11 @@ class SVDLoRALayer(LoRALayer):
         ((3, 1), 0.0)
     """
 
-    def _make_parameters(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], weight: torch.Tensor) -> None:
-        super()._make_parameters(a_shape, b_shape, weight)
-        self.lora_E = nn.Parameter(torch.empty(a_shape[0], 1, device=weight.device, dtype=weight.dtype))
+    def _make_parameters(
+        self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+    ) -> None:
+        super()._make_parameters(a_shape, b_shape, device, dtype)
+        self.lora_E = nn.Parameter(torch.empty(a_shape[0], 1, device=device, dtype=dtype))
         self.init_r = a_shape[0]
         self.kept: list[bool] | None = None  # after shrink: which of the init_r triplets survive (peft's rank_pattern)
 
@@ -125,12 +127,16 @@ class SVDLoRALayer(LoRALayer):
         out = self.base_layer(x, *args, **kwargs)
         if self.merged or self.disabled or self.r == 0:  # r == 0: every triplet was pruned
             return out
+        a = self.lora_A
+        if x.dtype is not a.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(a.dtype)  # as in LoRALayer.forward
         x = self.lora_dropout(x)
         e = self.lora_E.view(-1) * self.scaling
         if self._conv is not None:
-            h = F.conv2d(x, self.lora_A, None, *self._conv)
-            return out + F.conv2d(h * e.view(1, -1, 1, 1), self.lora_B)
-        return out + F.linear(F.linear(x, self.lora_A) * e, self.lora_B)
+            delta = F.conv2d(F.conv2d(x, a, None, *self._conv) * e.view(1, -1, 1, 1), self.lora_B)
+        else:
+            delta = F.linear(F.linear(x, a) * e, self.lora_B)
+        return out + (delta if delta.dtype is out.dtype else delta.to(out.dtype))
 
     def delta_weight(self) -> torch.Tensor:
         """``B @ diag(E) @ A * scaling`` shaped like the base weight (float32 maths, the weight's dtype)."""
@@ -138,8 +144,7 @@ class SVDLoRALayer(LoRALayer):
         delta = (self.lora_B.float().flatten(1) @ a) * self.scaling
         if self.kind == "conv1d":
             delta = delta.T
-        weight = self._base_weight()
-        return delta.reshape(weight.shape).to(weight.dtype)
+        return delta.reshape(self.weight_shape).to(self._delta_dtype())
 
     @torch.no_grad()
     def shrink(self, keep: torch.Tensor) -> None:

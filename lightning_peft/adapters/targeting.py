@@ -10,6 +10,9 @@ Semantics (the same as peft's ``check_target_module_exists``):
   ``exclude_modules`` or, when there is none, the model's last linear layer (as in peft).
 * ``exclude_modules`` uses the same two forms and always wins.
 
+A matched quantized layer with no adapter (torchao, HQQ, GPTQ/AWQ-style, ...; see :mod:`.quantized`)
+is an error that names what is supported (bitsandbytes 4-bit and 8-bit Linear), never a silent skip.
+
 Only layer types an adapter exists for are adapted; a name that matches a container (an attention
 block, say) is reported as skipped by :func:`dry_run` instead of silently doing nothing.
 """
@@ -21,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
+
+from lightning_peft.adapters.quantized import bnb_kind, check_quantization, quantization_of
 
 __all__ = [
     "TargetMatch",
@@ -113,6 +118,7 @@ def match_targets(model: nn.Module, target_modules: Targets, exclude_modules: Ta
 
     Raises:
         TargetNotFoundError: nothing supported matched; the message lists candidate layer names.
+        TypeError: a matched layer is quantized in a way no adapter exists for (the message names what is).
         ValueError: ``target_modules`` is empty or of the wrong type, or the regex does not compile.
     """
     if not isinstance(target_modules, str | list | tuple):
@@ -133,21 +139,26 @@ def match_targets(model: nn.Module, target_modules: Targets, exclude_modules: Ta
 
     result = TargetMatch()
     used: set[str] = set()
+    refused: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if not name:
             continue
-        linear = isinstance(module, nn.Linear) or is_conv1d(module)
+        linear = isinstance(module, nn.Linear) or is_conv1d(module) or _quantized_linear(module)
         if not (linear if all_linear else name_matches(name, target_modules)):
             continue
         if not isinstance(target_modules, str):
             used.update(t for t in target_modules if name_matches(name, [t]))
         if name_matches(name, exclude_modules):
             result.excluded.append(name)
+        elif bnb_kind(module) is None and quantization_of(module) is not None:
+            refused.append((name, module))
         elif is_supported_layer(module):
             result.matched.append(name)
             result.types[name] = type(module).__name__
         else:
             result.skipped.append((name, type(module).__name__))
+    if refused:
+        _refuse_quantized(refused)
     # A layer inside an adapted layer (its base_layer) is never a second target.
     result.matched = [n for n in result.matched if not any(n.startswith(m + ".") for m in result.matched)]
     if not isinstance(target_modules, str):
@@ -155,6 +166,20 @@ def match_targets(model: nn.Module, target_modules: Targets, exclude_modules: Ta
     if not result.matched:
         raise TargetNotFoundError(_not_found_message(model, target_modules, exclude_modules, result))
     return result
+
+
+def _quantized_linear(module: nn.Module) -> bool:
+    """A quantized linear layer that is no ``nn.Linear`` (HQQ, GPTQ/AWQ ``QuantLinear``): "all-linear" sees it too."""
+    return "Linear" in type(module).__name__ and quantization_of(module) is not None
+
+
+def _refuse_quantized(refused: list[tuple[str, nn.Module]]) -> None:
+    name, module = refused[0]
+    try:
+        check_quantization(module, name)
+    except TypeError as err:
+        more = f" ({len(refused) - 1} more matched layer(s) are quantized alike)" if len(refused) > 1 else ""
+        raise TypeError(f"{err}{more}") from None
 
 
 def _not_found_message(model: nn.Module, targets: Targets, exclude: Targets, result: TargetMatch) -> str:
