@@ -64,6 +64,8 @@ class AdaLoRA(LoRA):
         modules_to_save: backbone modules trained in full and saved with the adapter.
         backbone: dotted path of the backbone inside the ``LightningModule``; default: detected.
         save_dir: folder for the adapter (peft AdaLoRA format) and ``adalora_ranks.png`` at the end of fit.
+        autocast_adapter_dtype: keep the adapters float32 beside a half-precision or quantized base, also under
+            ``precision="bf16-true"`` (peft's default); False: the base's dtype.
 
     Raises:
         ValueError: on construction for out-of-range values (``target_r > r``, betas outside (0, 1),
@@ -98,6 +100,7 @@ class AdaLoRA(LoRA):
         modules_to_save: list[str] | None = None,
         backbone: str | None = None,
         save_dir: str | None = None,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
         config = AdaLoRAConfig(
             r=r,
@@ -114,6 +117,7 @@ class AdaLoRA(LoRA):
             target_modules=target_modules,
             exclude_modules=exclude_modules,
             modules_to_save=modules_to_save or [],
+            autocast_adapter_dtype=autocast_adapter_dtype,
         )
         self._init_shell(config, backbone, save_dir)
         self.total_step = total_step  # as asked; config.total_step holds the value a fit resolved

@@ -59,6 +59,9 @@ class LoRA(MethodCallback):
         init: ``"kaiming"`` (peft's default, starts as the identity), ``"gaussian"``, or ``"nonzero"`` (tests).
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
         save_dir: folder to write the trained adapter to at the end of fit (None: do not save).
+        autocast_adapter_dtype: keep the adapters float32 beside a float16/bfloat16 or quantized base, also when
+            ``precision="bf16-true"``/``"16-true"`` casts the module after ``setup`` (peft's default); False: the
+            adapters take the base's dtype (and train in it).
 
     Raises:
         ValueError: on construction, for a rank, alpha or dropout out of range; in ``setup``, for targets that
@@ -81,6 +84,7 @@ class LoRA(MethodCallback):
         init: InitKind = "kaiming",
         use_rslora: bool = False,
         save_dir: str | None = None,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
         config = LoRAConfig(
             r=r,
@@ -91,6 +95,7 @@ class LoRA(MethodCallback):
             modules_to_save=modules_to_save or [],
             init=init,
             use_rslora=use_rslora,
+            autocast_adapter_dtype=autocast_adapter_dtype,
         )
         self._init_shell(config, backbone, save_dir)
 
