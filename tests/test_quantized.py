@@ -198,7 +198,7 @@ def test_fit_on_a_quantized_llama(bnb, callback: str, tmp_path) -> None:
     for name, tensor in base.items():
         torch.testing.assert_close(after[name], tensor, rtol=0, atol=0)
     # train mode (the tiny Llama has no dropout): in eval mode bitsandbytes repacks a 4-bit weight for its CPU
-    # kernel, which needs in_features >= its block size (64; this Llama is 32 wide)
+    # kernel, which needs in_features to be a multiple of its block size (64; this Llama is 32 wide)
     fresh = quantize(bnb, FAMILIES["llama"](seed=0), "nf4")
     load_adapter(fresh, save_dir)
     torch.testing.assert_close(forward("llama", fresh), forward("llama", module.model), rtol=0, atol=0)
