@@ -279,3 +279,15 @@ def test_other_quantized_layers_are_refused_naming_what_is_supported(make, what:
     with pytest.raises(TypeError, match="bitsandbytes Linear4bit"):
         LoRALayer(make(), r=2, scaling=1.0)
     assert match_targets(model, ["v"]).matched == ["v"]  # other layers of the model stay adaptable
+
+
+@pytest.mark.parametrize("callback", ["id3", "sara"])
+def test_sparse_methods_refuse_a_quantized_base_with_what_to_use(bnb, callback: str) -> None:
+    from lightning_peft import ID3, SaRA
+
+    module = FamilyModule("llama", n_batches=2)
+    quantize(bnb, module.model, "nf4")
+    cb = ID3(budget=10, total_steps=2) if callback == "id3" else SaRA(fraction=0.1)
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[cb])
+    with pytest.raises(ValueError, match=r"quantized \(bitsandbytes 4-bit\).*LoRA or AdaLoRA"):
+        trainer.fit(module)

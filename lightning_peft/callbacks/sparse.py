@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_peft import distributed
 from lightning_peft.adapters.delta import delta_config, write_delta
+from lightning_peft.adapters.quantized import quantization_of
 from lightning_peft.adapters.sparse import (
     SparseDeltaBank,
     SparseDeltaLayer,
@@ -101,6 +102,13 @@ class SparseMethod(MethodCallback):
         out: dict[str, tuple[str, ...]] = {}
         for name in match.matched:
             module = root.get_submodule(name)
+            quantized = quantization_of(module)
+            if quantized is not None:
+                raise ValueError(
+                    f"{type(self).__name__}: {name} is quantized ({quantized}); {type(self).__name__} trains entries "
+                    "of the base weights themselves, which a quantized tensor cannot hold. Fine-tune a quantized base "
+                    "with LoRA or AdaLoRA (QLoRA-style), or load the base unquantized, or exclude the layer"
+                )
             names = tuple(p for p in self.parameters if getattr(module, p, None) is not None)
             if names:
                 out[name] = names
