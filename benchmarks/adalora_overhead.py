@@ -19,47 +19,49 @@ and its share of the step, with ratios against the peers measured in the same ru
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import statistics
 import sys
-import time
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from common import record  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from common import llama_config, record  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from harness import (  # noqa: E402
+    Report,
+    StepTimer,
+    add_common_args,
+    markdown_table,
+    measure_each,
+    measure_steps,
+    others_cell,
+    parse_args,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LABELS = {"lora": "our LoRA (r = init_r)", "ours": "our AdaLoRA", "peft": "peft AdaLoRA"}
 
 
-def build(hidden: int, layers: int, seed: int = 0) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build(args: argparse.Namespace, seed: int = 0) -> torch.nn.Module:
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=2048,
-        hidden_size=hidden,
-        intermediate_size=int(hidden * 2.75),
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64),
-        num_key_value_heads=max(1, hidden // 64),
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(cfg)
+    heads = max(1, args.hidden // 64)
+    size = {"vocab": 2048, "hidden": args.hidden, "intermediate": int(args.hidden * 2.75), "layers": args.layers}
+    return LlamaForCausalLM(llama_config(size | {"heads": heads, "seq": args.seq}))
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def timed(step: Any, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """``step`` timed over the run's steps; ``alloc_s``: the median of its ``alloc`` laps (0 without any)."""
+    result = measure_steps(step, args.steps, args.warmup, device)
+    return result | {"alloc_s": result["phases_s"].get("alloc", 0.0)}
 
 
-def run_ours(kind: str, args: argparse.Namespace, data: list[torch.Tensor], device: torch.device) -> dict:
+def run_ours(kind: str, args: argparse.Namespace, data: list[torch.Tensor], device: torch.device) -> dict[str, Any]:
     from lightning_peft.adapters import AdaLoRAConfig, LoRAConfig, adapter_layers, inject_adapters
     from lightning_peft.methods.adalora import RankAllocator
 
-    model = build(args.hidden, args.layers).to(device)
+    model = build(args).to(device)
     total = args.warmup + args.steps
     if kind == "lora":
         inject_adapters(model, LoRAConfig(r=args.init_r, alpha=16, target_modules=TARGETS))
@@ -78,42 +80,32 @@ def run_ours(kind: str, args: argparse.Namespace, data: list[torch.Tensor], devi
         inject_adapters(model, cfg)
         alloc = RankAllocator(list(adapter_layers(model)), cfg, total_step=total)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    steps, alloc_times = [], []
-    for step, ids in enumerate(data[:total]):
-        sync(device)
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+
+    def step(i: int, timer: StepTimer) -> None:
+        loss = model(input_ids=data[i], labels=data[i]).loss
         loss.backward()
-        t_alloc = 0.0
         if alloc is not None:
-            sync(device)
-            a0 = time.perf_counter()
+            timer.lap("train")
             alloc.add_orthogonal_grad()
-            if alloc.wants_importance(step):
+            if alloc.wants_importance(i):
                 alloc.update_importance()
-            sync(device)
-            t_alloc += time.perf_counter() - a0
+            timer.lap("alloc")
         opt.step()
         if alloc is not None:
-            sync(device)
-            a0 = time.perf_counter()
-            alloc.allocate(step)
-            sync(device)
-            t_alloc += time.perf_counter() - a0
+            timer.lap("train")
+            alloc.allocate(i)
+            timer.lap("alloc")
         opt.zero_grad(set_to_none=True)
-        sync(device)
-        if step >= args.warmup:
-            steps.append(time.perf_counter() - t0)
-            alloc_times.append(t_alloc)
-    return {"step": statistics.median(steps), "alloc": statistics.median(alloc_times) if alloc else 0.0}
+
+    return timed(step, args, device)
 
 
-def run_peft(args: argparse.Namespace, data: list[torch.Tensor], device: torch.device) -> dict:
+def run_peft(args: argparse.Namespace, data: list[torch.Tensor], device: torch.device) -> dict[str, Any]:
     import peft
 
     total = args.warmup + args.steps
     model = peft.get_peft_model(
-        build(args.hidden, args.layers),
+        build(args),
         peft.AdaLoraConfig(
             init_r=args.init_r,
             target_r=args.target_r,
@@ -127,52 +119,37 @@ def run_peft(args: argparse.Namespace, data: list[torch.Tensor], device: torch.d
         ),
     ).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    steps, alloc_times = [], []
-    for step, ids in enumerate(data[:total]):
-        sync(device)
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss  # includes peft's orthogonal regulariser
+
+    def step(i: int, timer: StepTimer) -> None:
+        loss = model(input_ids=data[i], labels=data[i]).loss  # includes peft's orthogonal regulariser
         loss.backward()
         opt.step()
-        sync(device)
-        a0 = time.perf_counter()
-        model.base_model.update_and_allocate(step)
-        sync(device)
-        a1 = time.perf_counter()
+        timer.lap("train")
+        model.base_model.update_and_allocate(i)
+        timer.lap("alloc")
         opt.zero_grad(set_to_none=True)
-        sync(device)
-        if step >= args.warmup:
-            steps.append(time.perf_counter() - t0)
-            alloc_times.append(a1 - a0)
-    return {"step": statistics.median(steps), "alloc": statistics.median(alloc_times)}
+
+    return timed(step, args, device)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, steps=10, warmup=3, threads=2)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--init-r", type=int, default=12)
     parser.add_argument("--target-r", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
-    parser.add_argument("--markdown", help="also write the table to this file")
-    args = parser.parse_args()
+    args = parse_args(parser)
     if args.tiny:
         args.hidden, args.layers, args.batch, args.seq, args.steps, args.warmup = 64, 2, 2, 32, 4, 1
     try:
         import peft  # noqa: F401
     except ImportError:
         sys.exit("peft is not installed: pip install 'lightning-peft[peft]' (the comparison needs it)")
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     data = [
@@ -180,43 +157,51 @@ def main() -> None:
         for _ in range(args.warmup + args.steps)
     ]
 
-    results = {
-        "lora": run_ours("lora", args, data, device),
-        "ours": run_ours("adalora", args, data, device),
-        "peft": run_peft(args, data, device),
+    report = Report(args)
+    report.header(
+        "# AdaLoRA step cost",
+        packages=("peft", "transformers"),
+        details=f"Llama hidden {args.hidden} x {args.layers} layers, batch {args.batch} x {args.seq}, init_r "
+        f"{args.init_r}, all 7 linear kinds adapted, median of {args.steps} steps after {args.warmup} warm-up, "
+        "all in this process.",
+    )
+    runs = {
+        "lora": lambda: run_ours("lora", args, data, device),
+        "ours": lambda: run_ours("adalora", args, data, device),
+        "peft": lambda: run_peft(args, data, device),
     }
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
-    lines = [
-        f"AdaLoRA step cost, {datetime.date.today()}, {name} ({device.type}, {args.threads} threads), torch "
-        f"{torch.__version__}; Llama hidden {args.hidden} x {args.layers} layers, batch {args.batch} x {args.seq}, "
-        f"init_r {args.init_r}, all 7 linear kinds adapted, median of {args.steps} steps after {args.warmup} warm-up",
-        "",
-        "| run | step (ms) | allocator (ms) | allocator share | step vs our LoRA |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for key, label in (("lora", "our LoRA (r = init_r)"), ("ours", "our AdaLoRA"), ("peft", "peft AdaLoRA")):
-        r = results[key]
-        share = r["alloc"] / r["step"] if r["step"] else 0.0
-        lines.append(
-            f"| {label} | {1000 * r['step']:.1f} | {1000 * r['alloc']:.2f} | {100 * share:.2f} % | "
-            f"{r['step'] / results['lora']['step']:.3f} |"
+    results = measure_each(runs, lambda key: runs[key](), args)
+    rows = []
+    for key, r in results.items():
+        share = r["alloc_s"] / r["step_s"] if r["step_s"] else 0.0
+        rows.append(
+            [
+                LABELS[key],
+                f"{1000 * r['step_s']:.1f}",
+                f"{1000 * r['alloc_s']:.2f}",
+                f"{100 * share:.2f} %",
+                f"{r['step_s'] / results['lora']['step_s']:.3f}",
+            ]
         )
-    ratio = results["ours"]["alloc"] / results["peft"]["alloc"] if results["peft"]["alloc"] else float("nan")
-    lines += [
-        "",
-        f"our allocator time / peft's: {ratio:.3f}; our AdaLoRA step / peft's: "
-        f"{results['ours']['step'] / results['peft']['step']:.3f}",
-    ]
-    share = results["ours"]["alloc"] / results["ours"]["step"] if results["ours"]["step"] else float("nan")
+    ours, peft_r, lora = results["ours"], results["peft"], results["lora"]
+    ratio = ours["alloc_s"] / peft_r["alloc_s"] if peft_r["alloc_s"] else float("nan")
+    others = ", ".join(f"{LABELS[k]} {others_cell(r['others_cpu_share'])}" for k, r in results.items())
+    report.print(
+        markdown_table(["run", "step (ms)", "allocator (ms)", "allocator share", "step vs our LoRA"], rows)
+        + [
+            "",
+            f"our allocator time / peft's: {ratio:.3f}; our AdaLoRA step / peft's: "
+            f"{ours['step_s'] / peft_r['step_s']:.3f}. Other processes' share of the CPUs during the timed steps: "
+            f"{others}.",
+            "",
+        ]
+    )
+    share = ours["alloc_s"] / ours["step_s"] if ours["step_s"] else float("nan")
     record("adalora_overhead", "AdaLoRA allocator share of a step", share, "<= 0.02", share <= 0.02)
-    record("adalora_overhead", "AdaLoRA step / our LoRA step", results["ours"]["step"] / results["lora"]["step"])
+    record("adalora_overhead", "AdaLoRA step / our LoRA step", ours["step_s"] / lora["step_s"])
     record("adalora_overhead", "our allocator time / peft's", ratio)
-    record("adalora_overhead", "our AdaLoRA step / peft's", results["ours"]["step"] / results["peft"]["step"])
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
+    record("adalora_overhead", "our AdaLoRA step / peft's", ours["step_s"] / peft_r["step_s"])
+    report.close()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""What the benchmarks share: machine description, peak memory, outside-load measurement, the summary.
+"""What the benchmarks read off the machine (device name, RSS and its high-water mark, CPU time, the other processes'
+load), the benchmark ``LlamaConfig``, the rank device, and the summary. How a benchmark runs is in ``harness.py``.
 
 A benchmark calls :func:`record` for each headline figure. Nothing happens unless the environment
 variable ``LIGHTNING_PEFT_BENCH_SUMMARY`` names a JSON-lines file (``run_all.py`` sets it), so every
@@ -104,12 +105,33 @@ class OthersLoad:
         self.t0, self.busy0, self.own0 = time.perf_counter(), machine_busy_s(), own_cpu_s(self.who)
         return self
 
-    def stop(self) -> float | None:
-        busy1, own1, wall = machine_busy_s(), own_cpu_s(self.who), time.perf_counter() - self.t0
-        if self.busy0 is None or busy1 is None or wall <= 0:
+    def window(self) -> dict[str, float] | None:
+        """The raw figures since ``start()``: ``wall_s``, the machine's ``busy_s`` and our ``own_s``; None without
+        ``/proc/stat``. Several processes' windows combine with :func:`others_share`."""
+        busy1 = machine_busy_s()
+        if self.busy0 is None or busy1 is None:
             return None
-        others = (busy1 - self.busy0) - (own1 - self.own0)
-        return max(0.0, others) / (wall * (os.cpu_count() or 1))
+        return {
+            "wall_s": time.perf_counter() - self.t0,
+            "busy_s": busy1 - self.busy0,
+            "own_s": own_cpu_s(self.who) - self.own0,
+        }
+
+    def stop(self, extra_own_s: float = 0.0) -> float | None:
+        """The share; ``extra_own_s``: CPU time of our own that ``who`` does not see (e.g. workers' reports)."""
+        return others_share([self.window()], extra_own_s)
+
+
+def others_share(windows: list[dict[str, float] | None], extra_own_s: float = 0.0) -> float | None:
+    """Other processes' share of the machine's CPUs over overlapping :meth:`OthersLoad.window` s of cooperating
+    processes (e.g. the ranks of one run): the machine's busy time less all of theirs, over the longest window."""
+    if not windows or any(w is None for w in windows):
+        return None
+    wall = max(w["wall_s"] for w in windows)  # type: ignore[index]
+    if wall <= 0:
+        return None
+    others = max(w["busy_s"] for w in windows) - sum(w["own_s"] for w in windows) - extra_own_s  # type: ignore[index]
+    return max(0.0, others) / (wall * (os.cpu_count() or 1))
 
 
 def device_name(device: str) -> str:

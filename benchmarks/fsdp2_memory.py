@@ -15,7 +15,8 @@ For each method (``LoRA`` r=8 on the 7 projections, ``AdaLoRA`` 12 -> 8, ``LISA`
 ``ID3`` and ``SaRA`` with LoRA r=8's parameter count as budget) two runs of 2 processes: ``fsdp2``
 (``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)``, ``lightning_peft.shard`` in
 ``configure_model``) and ``ddp`` (``strategy="ddp"`` for LoRA/AdaLoRA, ``"ddp_selective"`` for the methods whose
-trainable set changes, which refuse plain DDP). Every run is a fresh worker process; each rank writes its figures.
+trainable set changes, which refuse plain DDP). Every run is a fresh worker process (``harness.run_ranks``); each
+rank reports its figures.
 
 Per rank: the RSS high-water mark during training (``VmHWM``, reset by ``/proc/self/clear_refs`` in ``on_train_start``,
 after the model was built and sharded and freed heap returned to the OS with ``malloc_trim``) minus the RSS right
@@ -33,32 +34,27 @@ with PASS/MISS. A method that is refused under a strategy is reported as such, w
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from common import (  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
-    cores,
-    device_name,
-    llama_config,
-    machine_busy_s,
-    own_cpu_s,
-    peak_rss_bytes,
-    rank_device,
-    record,
-    reset_peak_rss,
-    rss_bytes,
+from common import cores, llama_config, rank_device, record  # noqa: E402  (benchmarks/ is on sys.path)
+from harness import (  # noqa: E402
+    QUIET_TRAINER,
+    PeakMemory,
+    Report,
+    StepTimer,
+    WorkerFailed,
+    add_common_args,
+    markdown_table,
+    measure_each,
+    mib,
+    parse_args,
+    run_ranks,
 )
 
 METHODS = ("lora", "adalora", "lisa", "id3", "sara")
@@ -104,11 +100,9 @@ def trim_heap() -> None:
         pass
 
 
-def run_worker(args: argparse.Namespace) -> None:
-    """One run (one rank of it): writes ``<rundir>/<run>.rank<r>.json``."""
-    torch.set_num_threads(args.threads)
+def run_rank(args: argparse.Namespace) -> dict[str, Any]:
+    """One rank of one run (``args.config``, ``args.method``, ``args.strategy``): its figures."""
     import lightning.pytorch as pl
-    import torch.distributed as dist
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.utils.data import DataLoader
@@ -118,7 +112,6 @@ def run_worker(args: argparse.Namespace) -> None:
     from lightning_peft.strategies import SelectiveDDPStrategy  # noqa: F401  (registers "ddp_selective")
 
     cfg = CONFIGS[args.config]
-    cuda = args.device == "cuda"
     device = rank_device(args.device)
     max_steps = args.warmup + args.steps
 
@@ -138,15 +131,9 @@ def run_worker(args: argparse.Namespace) -> None:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-4)
 
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
+    timer = StepTimer(args.steps, args.warmup, device)
 
     class Timer(Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self.step, self.t0 = 0, 0.0
-
         def setup(self, trainer, pl_module, stage) -> None:  # noqa: ANN001
             torch.set_num_threads(args.threads)
 
@@ -155,97 +142,57 @@ def run_worker(args: argparse.Namespace) -> None:
             # the training peak from here (on a GPU the whole model never lands on the device: it is sharded on CPU)
             gc.collect()
             trim_heap()
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            else:
-                reset_peak_rss()
+            memory.reset()
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-            sync()
-            self.t0 = time.perf_counter()
+            timer.start()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-            sync()
-            if self.step >= args.warmup:
-                self.times.append(time.perf_counter() - self.t0)
-            self.step += 1
+            timer.stop()
 
     gen = torch.Generator().manual_seed(1)
     data = torch.randint(0, cfg["vocab"], (cfg["batch"] * max_steps * 2, cfg["seq"]), generator=gen)
     loader = DataLoader(data, batch_size=cfg["batch"], shuffle=False)
 
-    gc.collect()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-        mem_before = torch.cuda.memory_allocated(device)
-    else:
-        mem_before = rss_bytes()
-        if not reset_peak_rss():
-            mem_before = max(mem_before, peak_rss_bytes())
+    memory = PeakMemory(device).start()
     module = Bench()
-    timer = Timer()
-    callbacks = [timer, make_callback(args.method, cfg)]
+    callbacks = [Timer(), make_callback(args.method, cfg)]
     if args.strategy == "fsdp2":
         strategy: Any = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     else:
         strategy = "ddp" if args.method in ("lora", "adalora") else "ddp_selective"
     trainer = pl.Trainer(
-        accelerator="cuda" if cuda else "cpu",
+        accelerator="cuda" if args.device == "cuda" else "cpu",
         devices=2,
         strategy=strategy,
         max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         callbacks=callbacks,
+        **QUIET_TRAINER,
     )
-    result: dict[str, Any] = {"rank": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
         trainer.fit(module, train_dataloaders=loader)
-        sync()
-        peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss_bytes()
-        result.update(
-            rank=trainer.global_rank,
-            step_s=statistics.median(timer.times),
-            peak_growth_bytes=peak - mem_before,
-            trainable=sum(p.numel() for p in module.parameters() if p.requires_grad),
-        )
     except (NotImplementedError, ValueError) as err:  # refused before training: report it
-        result["refused"] = f"{type(err).__name__}: {str(err)[:300]}"
-    result["cpu_s"] = own_cpu_s()  # this rank's CPU time: the driver counts it as its own load, not others'
-    out = Path(args.rundir) / f"{args.run}.rank{result['rank']}.json"
-    out.with_suffix(".tmp").write_text(json.dumps(result))
-    out.with_suffix(".tmp").replace(out)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        return {"refused": f"{type(err).__name__}: {str(err)[:300]}"}
+    return {
+        "step_s": timer.result()["step_s"],
+        "peak_growth_bytes": memory.figures()["peak_growth_bytes"],
+        "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+    }
 
 
-def spawn(args: argparse.Namespace, config: str, method: str, strategy: str, rundir: Path) -> dict[str, Any]:
-    run = f"{config}-{method}-{strategy}"
+def spawn(args: argparse.Namespace, config: str, method: str, strategy: str) -> dict[str, Any]:
     threads = max(1, cores() // 2)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--run", run, "--config", config]
-    cmd += ["--method", method, "--strategy", strategy, "--rundir", str(rundir), "--threads", str(threads)]
-    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    spec = vars(args) | {"config": config, "method": method, "strategy": strategy, "threads": threads}
     # Every tensor of 64 KiB or more gets its own mapping, returned to the OS when freed (glibc): RSS then follows
     # the live tensors, as a GPU's allocated bytes do. Otherwise the heap keeps what FSDP2's per-block gathers
     # freed, and RSS shows every block's gathered weights at once.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 << 10))
-    for key in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
-        env.pop(key, None)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-    deadline = time.monotonic() + 30
-    files = sorted(rundir.glob(f"{run}.rank*.json"))
-    while len(files) < 2 and proc.returncode == 0 and time.monotonic() < deadline:
-        time.sleep(0.5)
-        files = sorted(rundir.glob(f"{run}.rank*.json"))
-    ranks = [json.loads(f.read_text()) for f in files]
-    args.worker_cpu_s += sum(r.get("cpu_s", 0.0) for r in ranks)
-    if not ranks:
-        return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-400:].strip()}"}
+    env = {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(64 << 10))}
+    try:
+        ranks = run_ranks(run_rank, spec, 2, threads=threads, env=env, timeout=args.timeout)
+    except WorkerFailed as err:
+        if not err.results:
+            return {"error": f"exit {err.returncode}: {err.output[-400:].strip()}"}
+        ranks = err.results
     if any("refused" in r for r in ranks):
         return {"refused": next(r["refused"] for r in ranks if "refused" in r)}
     return {
@@ -255,61 +202,32 @@ def spawn(args: argparse.Namespace, config: str, method: str, strategy: str, run
     }
 
 
-def _mib(n: float | None) -> str:
-    return "—" if n is None else f"{n / 2**20:,.0f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["bench", "weights"], choices=list(CONFIGS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_common_args(parser, steps=4, warmup=2, device="cpu", threads=None, retries=False)
     parser.add_argument("--timeout", type=int, default=900)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    for name in ("--run", "--config", "--method", "--strategy", "--rundir"):
-        parser.add_argument(name, help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        run_worker(args)
-        return
+    args = parse_args(parser)
     if args.device == "cuda" and torch.cuda.device_count() < 2:
         sys.exit("error: --device cuda needs 2 GPUs")
-    # The ranks are the driver's grandchildren (Lightning starts rank 1 from rank 0): their CPU time comes from
-    # their own reports, not from RUSAGE_CHILDREN, so that "other processes" means other processes.
-    args.worker_cpu_s = 0.0
-    busy0, own0, t0 = machine_busy_s(), own_cpu_s(), time.perf_counter()
-    results: dict[tuple[str, str, str], dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for config in args.configs:
-            for method in args.methods:
-                for strategy in STRATEGIES:
-                    results[config, method, strategy] = spawn(args, config, method, strategy, Path(tmp))
-                    print(f"  {config:8s} {method:8s} {strategy:6s} {results[config, method, strategy]}", flush=True)
-    busy1, elapsed = machine_busy_s(), time.perf_counter() - t0
-    others = None
-    if busy0 is not None and busy1 is not None and elapsed > 0:
-        mine = own_cpu_s() - own0 + args.worker_cpu_s
-        others = max(0.0, (busy1 - busy0) - mine) / (elapsed * (os.cpu_count() or 1))
-    print(
-        f"\nfsdp2_memory: {datetime.date.today()}, {device_name(args.device)}, {cores()} cores, torch "
-        f"{torch.__version__}; {args.warmup} warm-up + {args.steps} measured steps; "
-        f"wall {time.perf_counter() - t0:.0f} s; "
-        f"other processes used {'?' if others is None else f'{100 * others:.0f} %'} of the CPUs meanwhile"
+    report = Report(args)
+    report.header(
+        "### fsdp2_memory: 2-process FSDP2 vs 2-process DDP, per rank",
+        packages=("lightning", "transformers"),
+        details=f"{args.warmup} warm-up + {args.steps} measured steps; every run a fresh pair of processes.",
     )
-    print(
-        "\n| config | method | DDP peak/rank MiB | FSDP2 peak/rank MiB | FSDP2/DDP memory | DDP step s | FSDP2 step s "
-        "| FSDP2/DDP time |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    runs = [(c, m, s) for c in args.configs for m in args.methods for s in STRATEGIES]
+    results = measure_each(runs, lambda run: spawn(args, *run), args, combine=lambda tries: tries[-1])
+    columns = ["config", "method", "DDP peak/rank MiB", "FSDP2 peak/rank MiB", "FSDP2/DDP memory", "DDP step s"]
+    rows = []
     for config in args.configs:
         for method in args.methods:
             ddp, fsdp = results[config, method, "ddp"], results[config, method, "fsdp2"]
             if "peak_growth_bytes" not in ddp or "peak_growth_bytes" not in fsdp:
                 why = fsdp.get("refused") or fsdp.get("error") or ddp.get("refused") or ddp.get("error")
-                print(f"| {config} | {method} | {_mib(ddp.get('peak_growth_bytes'))} | — | — | — | — | {why} |")
+                rows.append([config, method, mib(ddp.get("peak_growth_bytes"), ",.0f"), "—", "—", "—", "—"])
+                rows[-1].append(" ".join(str(why).split()).replace("|", "/"))
                 continue
             mem = fsdp["peak_growth_bytes"] / ddp["peak_growth_bytes"]
             tim = fsdp["step_s"] / ddp["step_s"]
@@ -318,10 +236,20 @@ def main() -> None:
                 met = mem <= GOAL
                 goal = f" ({'PASS' if met else 'MISS'} <= {GOAL})"
                 record("fsdp2_memory", f"{method} FSDP2/DDP per-rank peak (weights)", mem, f"<= {GOAL}", met)
-            print(
-                f"| {config} | {method} | {_mib(ddp['peak_growth_bytes'])} | {_mib(fsdp['peak_growth_bytes'])} "
-                f"| {mem:.3f}{goal} | {ddp['step_s']:.3f} | {fsdp['step_s']:.3f} | {tim:.2f} |"
+            rows.append(
+                [
+                    config,
+                    method,
+                    mib(ddp["peak_growth_bytes"], ",.0f"),
+                    mib(fsdp["peak_growth_bytes"], ",.0f"),
+                    f"{mem:.3f}{goal}",
+                    f"{ddp['step_s']:.3f}",
+                    f"{fsdp['step_s']:.3f}",
+                    f"{tim:.2f}",
+                ]
             )
+    report.print(markdown_table([*columns, "FSDP2 step s", "FSDP2/DDP time"], rows, left=2) + [""])
+    report.close()
 
 
 if __name__ == "__main__":

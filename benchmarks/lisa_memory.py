@@ -16,8 +16,8 @@ causal-LM loss) by a real ``lightning.Trainer`` with a small ``LightningModule``
   bucketed all-reduce overlapping the backward) and under ``ddp_selective``: the same trainable set, so the
   ratio of their steps is the cost of ``ddp_selective``'s synchronisation against torch DDP's.
 
-Each run is a fresh worker process (``--worker RUN``); under DDP Lightning relaunches this script for
-rank 1, and every rank writes its own figures (a JSON file in the ``--rundir`` the driver made).
+Each run is a fresh worker process (``harness.run_ranks``); under DDP Lightning relaunches that worker for
+rank 1, and every rank reports its own figures.
 Per run: median step time (``on_train_batch_start`` to ``on_train_batch_end`` of a timing callback,
 ``torch.cuda.synchronize()`` around it on CUDA) over ``--steps`` steps after ``--warmup``; trainable
 parameters at the last step; bytes of the tensors in ``optimizer.state`` after the last step; and
@@ -42,34 +42,31 @@ The issue's goals are printed with PASS/MISS and, under ``benchmarks/run_all.py`
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
-import json
 import os
-import platform
-import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from common import (  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
-    cores,
-    device_name,
-    llama_config,
-    machine_busy_s,
-    own_cpu_s,
-    peak_rss_bytes,
-    rank_device,
-    record,
-    reset_peak_rss,
-    rss_bytes,
+from common import cores, llama_config, others_share, rank_device, record  # noqa: E402  (benchmarks/ is on sys.path)
+from harness import (  # noqa: E402
+    NOISY,
+    QUIET_TRAINER,
+    PeakMemory,
+    Report,
+    StepTimer,
+    add_common_args,
+    markdown_table,
+    measure_each,
+    mib,
+    optimizer_state_bytes,
+    others_cell,
+    parse_args,
+    ratio,
+    run_ranks,
+    verdict,
 )
 
 SELECTIVE_GOAL = 1.05  # issue #15: ddp_selective step / torch DDP step on the same trainable set
@@ -88,10 +85,6 @@ SPEC: dict[str, dict[str, Any]] = {  # method, processes, Lightning strategy
         "label": "LoRA r=8, DDP ddp_selective",
     },
 }
-NOISY = 0.10  # share of the CPUs used by other processes above which a run is flagged as disturbed
-
-
-# ----------------------------------------------------------------------------------------------- memory probes
 
 
 # ----------------------------------------------------------------------------------------------- worker
@@ -113,11 +106,9 @@ def composition(model: torch.nn.Module) -> dict[str, int]:
     }
 
 
-def run_worker(args: argparse.Namespace) -> None:
-    """One run in this fresh process (or, under DDP, one rank of it): writes ``<rundir>/<run>.rank<r>.json``."""
-    torch.set_num_threads(args.threads)
+def run_rank(args: argparse.Namespace) -> dict[str, Any]:
+    """One run (``args.run``) in this fresh process, or under DDP one rank of it: its figures."""
     import lightning.pytorch as pl
-    import torch.distributed as dist
     from lightning.pytorch.callbacks import Callback
     from torch.utils.data import DataLoader
     from transformers import LlamaForCausalLM
@@ -125,7 +116,7 @@ def run_worker(args: argparse.Namespace) -> None:
     from lightning_peft import LISA, LoRA
     from lightning_peft.strategies import SelectiveDDPStrategy  # importing it registers "ddp_selective"
 
-    spec = SPEC[args.worker]
+    spec = SPEC[args.run]
     cuda = args.device == "cuda"
     device = rank_device(args.device)  # under DDP each rank has its own GPU
     procs, measured_from = spec["procs"], args.warmup
@@ -143,79 +134,37 @@ def run_worker(args: argparse.Namespace) -> None:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-4)
 
-    def opt_state_bytes(opt: torch.optim.Optimizer) -> int:
-        return sum(v.nbytes for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
+    timer = StepTimer(args.steps, args.warmup, device)
+    per_step: dict[str, list[Any]] = {"mem": [], "opt_bytes": [], "trainable": [], "losses": []}
 
     class Timer(Callback):
-        """Step wall time, trainable set, optimizer state and RSS after every step; others' CPU load while timed."""
-
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self.rss: list[int] = []
-            self.opt_bytes: list[int] = []
-            self.trainable: list[int] = []
-            self.losses: list[float] = []
-            self.step = 0
-            self.t0 = 0.0
-            self.probe: tuple[float, float | None, float] | None = None
-            self.window: dict[str, float] = {}
+        """Step wall time (and others' CPU load while timed); trainable set, optimizer state, memory after each step."""
 
         def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
             torch.set_num_threads(args.threads)  # whatever a launcher set, the run's threads per process
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-            if self.step == measured_from:
-                self.probe = (time.perf_counter(), machine_busy_s(), own_cpu_s())
-            sync()
-            self.t0 = time.perf_counter()
+            timer.start()
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: ANN001
-            self.trainable.append(sum(p.numel() for p in pl_module.parameters() if p.requires_grad))
+            per_step["trainable"].append(sum(p.numel() for p in pl_module.parameters() if p.requires_grad))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-            sync()
-            elapsed = time.perf_counter() - self.t0
-            if self.step >= measured_from:
-                self.times.append(elapsed)
-            self.step += 1
-            self.rss.append(torch.cuda.memory_allocated(device) if cuda else rss_bytes())
-            self.opt_bytes.append(opt_state_bytes(trainer.optimizers[0]))
+            timer.stop()
+            per_step["mem"].append(memory.now())
+            per_step["opt_bytes"].append(optimizer_state_bytes(trainer.optimizers[0]))
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            self.losses.append(float(loss.detach()))
-            if self.step == max_steps and self.probe is not None:
-                t0, busy0, own0 = self.probe
-                busy1 = machine_busy_s()
-                self.window = {
-                    "wall_s": time.perf_counter() - t0,
-                    "busy_s": (busy1 - busy0) if busy0 is not None and busy1 is not None else -1.0,
-                    "own_s": own_cpu_s() - own0,
-                }
+            per_step["losses"].append(float(loss.detach()))
 
     # the data: random token ids, exactly what the steps consume (each rank gets its own share)
     gen = torch.Generator().manual_seed(args.seed + 1)
     data = torch.randint(0, args.vocab, (args.batch * max_steps * procs, args.seq), generator=gen)
     loader = DataLoader(data, batch_size=args.batch, shuffle=False)
 
-    gc.collect()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        mem_before = torch.cuda.memory_allocated(device)
-        peak_is_reset = True
-    else:
-        mem_before = rss_bytes()
-        peak_is_reset = reset_peak_rss()
-        if not peak_is_reset:
-            mem_before = max(mem_before, peak_rss_bytes())
-
+    memory = PeakMemory(device).start()
     module = Bench()
     comp = composition(module.model)
-    timer = Timer()
-    callbacks: list[Callback] = [timer]  # first: its clock starts before LISA's switch in on_train_batch_start
+    callbacks: list[Callback] = [Timer()]  # first: its clock starts before LISA's switch in on_train_batch_start
     method_cb: Any = None
     if spec["method"] == "lora":
         method_cb = LoRA(r=args.r, alpha=args.alpha)
@@ -230,12 +179,8 @@ def run_worker(args: argparse.Namespace) -> None:
         devices=procs,
         strategy=spec["strategy"],
         max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         callbacks=callbacks,
+        **QUIET_TRAINER,
     )
     reduce_times: list[float] = []
     if isinstance(trainer.strategy, SelectiveDDPStrategy):  # time its all-reduce (it runs inside every step)
@@ -249,96 +194,41 @@ def run_worker(args: argparse.Namespace) -> None:
 
         strategy.reduce_gradients = timed_reduce  # type: ignore[method-assign]
     trainer.fit(module, train_dataloaders=loader)
-    sync()
-    peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss_bytes()
-
-    rank = trainer.global_rank
-    result = {
-        "run": args.worker,
-        "rank": rank,
+    timed = timer.result()
+    return {
+        "run": args.run,
+        "rank": trainer.global_rank,
         "world": trainer.world_size,
         "threads": torch.get_num_threads(),
         "strategy": type(trainer.strategy).__name__,
         "steps_done": trainer.global_step,
-        "step_times_s": timer.times,
-        "step_s": statistics.median(timer.times),
-        "trainable_per_step": timer.trainable,
-        "trainable": timer.trainable[-1],
+        "step_times_s": timed["step_times_s"],
+        "step_s": timed["step_s"],
+        "trainable_per_step": per_step["trainable"],
+        "trainable": per_step["trainable"][-1],
         "total": comp["total"],
         "composition": comp,
-        "opt_state_bytes": opt_state_bytes(trainer.optimizers[0]),
-        "opt_state_per_step": timer.opt_bytes,
-        "mem_per_step": timer.rss,
-        "mem_before_bytes": mem_before,
-        "peak_bytes": peak,
-        "peak_growth_bytes": peak - mem_before,
-        "peak_is_reset": peak_is_reset,
-        "losses": timer.losses,
-        "window": timer.window,
+        "opt_state_bytes": optimizer_state_bytes(trainer.optimizers[0]),
+        "opt_state_per_step": per_step["opt_bytes"],
+        "mem_per_step": per_step["mem"],
+        **memory.figures(),
+        "losses": per_step["losses"],
+        "window": timed["others_window"],
         "lisa_history": [[s, list(a)] for s, a in method_cb.history] if isinstance(method_cb, LISA) else None,
         "lora_layers": len(method_cb.adapted) if isinstance(method_cb, LoRA) else None,
         "reduce_s": statistics.median(reduce_times[measured_from:]) if reduce_times[measured_from:] else None,
     }
-    out = Path(args.rundir) / f"{args.worker}.rank{rank}.json"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(out)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # rank 0 leaves only once every rank has written its figures
-        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def spawn(args: argparse.Namespace, run: str, rundir: Path) -> dict[str, Any]:
-    """Run ``run`` in a fresh worker process; combine its ranks' files."""
+def spawn(args: argparse.Namespace, run: str) -> dict[str, Any]:
+    """Run ``run`` in a fresh worker process; combine its ranks' figures."""
     procs = SPEC[run]["procs"]
     threads = max(1, cores() // procs)
-    for old in rundir.glob(f"{run}.rank*.json"):
-        old.unlink()
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--worker",
-        run,
-        "--rundir",
-        str(rundir),
-        "--threads",
-        str(threads),
-        "--device",
-        args.device,
-    ]
-    for key in (
-        "vocab",
-        "hidden",
-        "layers",
-        "intermediate",
-        "heads",
-        "batch",
-        "seq",
-        "steps",
-        "warmup",
-        "interval",
-        "n_layers",
-        "r",
-        "alpha",
-        "seed",
-    ):
-        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    for key in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
-        env.pop(key, None)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-    deadline = time.monotonic() + 30
-    files = sorted(rundir.glob(f"{run}.rank*.json"))
-    while len(files) < procs and proc.returncode == 0 and time.monotonic() < deadline:
-        time.sleep(0.5)
-        files = sorted(rundir.glob(f"{run}.rank*.json"))
-    if proc.returncode != 0 or len(files) < procs:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        sys.exit(f"error: run {run} failed (exit {proc.returncode}, {len(files)} of {procs} rank files); see above")
-    ranks = [json.loads(f.read_text()) for f in files]
+    spec = vars(args) | {"run": run, "threads": threads}
+    ranks = run_ranks(run_rank, spec, procs, threads=threads, timeout=args.timeout, label=run)
     res = dict(ranks[0])
     res["procs"] = procs
     res["threads"] = threads
@@ -351,40 +241,15 @@ def spawn(args: argparse.Namespace, run: str, rundir: Path) -> dict[str, Any]:
     res["opt_state_bytes_ranks"] = [r["opt_state_bytes"] for r in ranks]
     reduce = [r["reduce_s"] for r in ranks if r.get("reduce_s") is not None]
     res["reduce_s"] = max(reduce) if reduce else None
-    windows = [r["window"] for r in ranks if r["window"]]
-    share = None
-    if windows and all(w["busy_s"] >= 0 for w in windows):
-        wall = max(w["wall_s"] for w in windows)
-        others = max(w["busy_s"] for w in windows) - sum(w["own_s"] for w in windows)
-        share = max(0.0, others) / (wall * cores()) if wall > 0 else None
-    res["others_cpu_share"] = share
+    res["others_cpu_share"] = others_share([r["window"] for r in ranks])  # the ranks' own CPU is not "others"
     return res
 
 
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "not installed"
-
-
-def _mib(n: float | None) -> str:
-    return "—" if n is None else f"{n / 2**20:.1f}"
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.3f}" if a is not None and b else "—"
-
-
 def _goal(value: float | None, limit: float) -> str:
-    if value is None:
-        return "n/a"
-    return "PASS" if value <= limit else "MISS"
+    return verdict(None if value is None else value <= limit)
 
 
-def report(args: argparse.Namespace, res: dict[str, dict[str, Any]], wall_s: float) -> list[str]:
+def report(args: argparse.Namespace, res: dict[str, dict[str, Any]], out: Report) -> None:
     cuda = args.device == "cuda"
     mem = "CUDA alloc" if cuda else "RSS"
     full, lora, lisa = res["full"], res["lora"], res["lisa"]
@@ -393,15 +258,10 @@ def report(args: argparse.Namespace, res: dict[str, dict[str, Any]], wall_s: flo
     lisa_expect = always + args.n_layers * comp["block"]
     single_threads = res["full"]["threads"]
     ddp_threads = res["lisa_ddp"]["threads"] if "lisa_ddp" in res else None
-    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    cmd = "python benchmarks/lisa_memory.py " + " ".join(sys.argv[1:])
+    out.header(
+        "### LISA memory: full FT vs LoRA vs LISA, 1 process and 2-process DDP", packages=("lightning", "transformers")
+    )
     lines = [
-        f"### LISA memory: full FT vs LoRA vs LISA, 1 process and 2-process DDP ({now})",
-        "",
-        f"Machine: {device_name(args.device)}, {cores()} cores ({args.device}); torch {torch.__version__}, "
-        f"lightning {_version('lightning')}, transformers {_version('transformers')}; python "
-        f"{platform.python_version()}. Command: `{cmd.strip()}`.",
-        "",
         f"Model: LlamaForCausalLM, random weights, hidden {args.hidden}, {args.layers} layers, intermediate "
         f"{args.intermediate}, {args.heads} heads, vocab {args.vocab}; batch {args.batch} x {args.seq} tokens per "
         f"process, causal-LM loss, AdamW (lr 1e-4, fp32). Median of {args.steps} steps after {args.warmup} warm-up; "
@@ -418,7 +278,7 @@ def report(args: argparse.Namespace, res: dict[str, dict[str, Any]], wall_s: flo
         f"{comp['block']:,} ({100 * comp['block'] / comp['total']:.1f} %); all {comp['n_blocks']} blocks "
         f"{comp['blocks']:,} ({100 * comp['blocks'] / comp['total']:.1f} %); total {comp['total']:,}. LISA trains "
         f"always-on + {args.n_layers} blocks = {lisa_expect:,} ({100 * lisa_expect / comp['total']:.1f} %), so its "
-        f"AdamW state should be {_mib(8 * lisa_expect)} MiB (2 fp32 moments), against {_mib(8 * comp['total'])} MiB "
+        f"AdamW state should be {mib(8 * lisa_expect)} MiB (2 fp32 moments), against {mib(8 * comp['total'])} MiB "
         "for full FT.",
         "",
         f"Memory: **peak {mem} growth** = peak {mem} minus the {mem} right before the model was built "
@@ -432,40 +292,34 @@ def report(args: argparse.Namespace, res: dict[str, dict[str, Any]], wall_s: flo
         "(all parameters + trainable parameters) + the measured AdamW state: weights, gradients and optimizer "
         "state; the rest of the growth is activations, temporaries and allocator slack.",
         "",
-        f"| run | procs x threads | trainable params | trainable % | AdamW state (MiB) | est. static (MiB) "
-        f"| peak {mem} growth (MiB) | growth / full FT | peak {mem} raw (MiB) | step (ms) | step / full FT "
-        "| samples/s | others' CPU |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    columns = ["run", "procs x threads", "trainable params", "trainable %", "AdamW state (MiB)", "est. static (MiB)"]
+    columns += [f"peak {mem} growth (MiB)", "growth / full FT", f"peak {mem} raw (MiB)", "step (ms)", "step / full FT"]
+    rows = []
     for run in RUNS:
         if run not in res:
             continue
         r = res[run]
         total = r["total"] + (r["trainable"] if r["trainable"] > 0 and run.startswith("lora") else 0)
         static = 4 * (total + r["trainable"]) + r["opt_state_bytes"]
-        share = r["others_cpu_share"]
-        flag = "—" if share is None else f"{100 * share:.0f} %" + (" **disturbed**" if share > NOISY else "")
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    SPEC[run]["label"],
-                    f"{r['procs']} x {r['threads']}",
-                    f"{r['trainable']:,}",
-                    f"{100 * r['trainable'] / r['total']:.1f}",
-                    _mib(r["opt_state_bytes"]),
-                    _mib(static),
-                    _mib(r["peak_growth_bytes"]),
-                    _ratio(r["peak_growth_bytes"], full["peak_growth_bytes"]),
-                    _mib(r["peak_bytes"]),
-                    f"{1000 * r['step_s']:.1f}",
-                    _ratio(r["step_s"], full["step_s"]),
-                    f"{r['samples_per_s']:.1f}",
-                    flag,
-                ]
-            )
-            + " |"
+        rows.append(
+            [
+                SPEC[run]["label"],
+                f"{r['procs']} x {r['threads']}",
+                f"{r['trainable']:,}",
+                f"{100 * r['trainable'] / r['total']:.1f}",
+                mib(r["opt_state_bytes"]),
+                mib(static),
+                mib(r["peak_growth_bytes"]),
+                ratio(r["peak_growth_bytes"], full["peak_growth_bytes"]),
+                mib(r["peak_bytes"]),
+                f"{1000 * r['step_s']:.1f}",
+                ratio(r["step_s"], full["step_s"]),
+                f"{r['samples_per_s']:.1f}",
+                others_cell(r["others_cpu_share"]),
+            ]
         )
+    lines += markdown_table([*columns, "samples/s", "others' CPU"], rows, left=2)
 
     g_full = lisa["peak_growth_bytes"] / full["peak_growth_bytes"]
     g_lora = lisa["peak_growth_bytes"] / lora["peak_growth_bytes"]
@@ -510,23 +364,23 @@ def report(args: argparse.Namespace, res: dict[str, dict[str, Any]], wall_s: flo
     if "lisa_ddp" in res and "full_ddp" in res:
         notes.append(f"DDP scaling LISA (ddp_selective) / full FT (ddp): {scale['lisa'] / scale['full']:.3f}.")
     if "lora_ddp" in res and "lora_ddp_selective" in res:
-        ratio = res["lora_ddp_selective"]["step_s"] / res["lora_ddp"]["step_s"]
+        selective = res["lora_ddp_selective"]["step_s"] / res["lora_ddp"]["step_s"]
         notes.append(
-            f"Same trainable set (LoRA r=8), 2 processes: ddp_selective step / torch DDP step = {ratio:.3f} "
-            f"(goal <= {SELECTIVE_GOAL}): {'**PASS**' if ratio <= SELECTIVE_GOAL else '**MISS**'}."
+            f"Same trainable set (LoRA r=8), 2 processes: ddp_selective step / torch DDP step = {selective:.3f} "
+            f"(goal <= {SELECTIVE_GOAL}): **{verdict(selective <= SELECTIVE_GOAL)}**."
         )
     if res.get("lisa_ddp", {}).get("reduce_s") is not None:
         r = res["lisa_ddp"]
         notes.append(
-            f"ddp_selective's all-reduce of the trainable gradients ({_mib(4 * r['trainable'])} MiB): "
+            f"ddp_selective's all-reduce of the trainable gradients ({mib(4 * r['trainable'])} MiB): "
             f"{1000 * r['reduce_s']:.1f} ms per step (median, slowest rank, includes waiting for the other rank) = "
             f"{100 * r['reduce_s'] / r['step_s']:.0f} % of the step; it does not overlap the backward pass."
         )
     expect_bytes = 8 * lisa_expect
     notes.append(
-        f"LISA AdamW state after the last step {_mib(lisa['opt_state_bytes'])} MiB vs expected "
-        f"{_mib(expect_bytes)} MiB (+ step counters); per step (MiB): "
-        + ", ".join(_mib(b) for b in lisa["opt_state_per_step"])
+        f"LISA AdamW state after the last step {mib(lisa['opt_state_bytes'])} MiB vs expected "
+        f"{mib(expect_bytes)} MiB (+ step counters); per step (MiB): "
+        + ", ".join(mib(b) for b in lisa["opt_state_per_step"])
         + "."
     )
     for run in ("lisa", "lisa_ddp", "full", "lora"):
@@ -540,9 +394,9 @@ def report(args: argparse.Namespace, res: dict[str, dict[str, Any]], wall_s: flo
     if "lisa_ddp" in res:
         notes.append(
             "DDP per-rank peak growth (MiB): LISA "
-            + ", ".join(_mib(b) for b in res["lisa_ddp"]["rank_growth_bytes"])
+            + ", ".join(mib(b) for b in res["lisa_ddp"]["rank_growth_bytes"])
             + (
-                "; full FT " + ", ".join(_mib(b) for b in res["full_ddp"]["rank_growth_bytes"])
+                "; full FT " + ", ".join(mib(b) for b in res["full_ddp"]["rank_growth_bytes"])
                 if "full_ddp" in res
                 else ""
             )
@@ -570,9 +424,7 @@ def report(args: argparse.Namespace, res: dict[str, dict[str, Any]], wall_s: flo
     ]
     if odd:
         notes.append("**Warning**: torch used other thread counts than set: " + ", ".join(odd) + ".")
-    notes.append(f"Total wall time {wall_s:.0f} s.")
-    lines += notes
-    return lines
+    out.print(lines + notes + [""])
 
 
 def main() -> None:
@@ -584,75 +436,26 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8, help="samples per process and step")
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10, help="measured training steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="unmeasured training steps first")
+    add_common_args(parser, steps=10, warmup=2, threads=None)  # threads: the cores divided by the run's processes
     parser.add_argument("--interval", type=int, default=3, help="LISA: optimizer steps between draws")
     parser.add_argument("--n-layers", type=int, default=2, help="LISA: blocks trained at a time")
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--no-ddp", action="store_true", help="skip the 2-process runs")
-    parser.add_argument(
-        "--noisy-retries",
-        type=int,
-        default=0,
-        metavar="N",
-        help="re-run a run up to N times when other processes used over 10 %% of the CPUs during "
-        "its measured steps; the fastest is kept",
-    )
     parser.add_argument("--timeout", type=float, default=900, help="seconds one run may take")
-    parser.add_argument("--markdown", metavar="PATH", help="also write the output to this file")
-    # internal: one run (or one rank of it) in a fresh process
-    parser.add_argument("--worker", choices=RUNS, help=argparse.SUPPRESS)
-    parser.add_argument("--rundir", help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args(parser)
     if args.intermediate <= 0:
         args.intermediate = round(args.hidden * 2.6875)
-    if args.steps < 1 or args.warmup < 0 or args.noisy_retries < 0:
-        parser.error("--steps must be >= 1, --warmup and --noisy-retries >= 0")
     if args.hidden % args.heads:
         parser.error(f"--hidden {args.hidden} is not a multiple of --heads {args.heads}")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but torch.cuda.is_available() is False")
-
-    if args.worker:
-        run_worker(args)
-        return
 
     runs = [r for r in RUNS if SPEC[r]["procs"] == 1 or not args.no_ddp]
     if args.device == "cuda" and torch.cuda.device_count() < 2:
         runs = [r for r in runs if SPEC[r]["procs"] == 1]
-    start = time.perf_counter()
-    rundir = Path(tempfile.mkdtemp(prefix="lisa_memory_"))
-    res: dict[str, dict[str, Any]] = {}
-    try:
-        for run in runs:
-            print(f"[{time.perf_counter() - start:5.0f} s] {run} ...", file=sys.stderr, flush=True)
-            tries = [spawn(args, run, rundir)]
-            for _ in range(args.noisy_retries):
-                if (tries[-1]["others_cpu_share"] or 0.0) <= NOISY:
-                    break
-                tries.append(spawn(args, run, rundir))
-            res[run] = min(tries, key=lambda r: r["step_s"])
-            share = [f"{100 * t['others_cpu_share']:.0f} %" for t in tries if t["others_cpu_share"] is not None]
-            print(
-                f"        step {1000 * res[run]['step_s']:.0f} ms, "
-                f"peak growth {_mib(res[run]['peak_growth_bytes'])} MiB"
-                + (f"; others' CPU {', '.join(share)}" if share else ""),
-                file=sys.stderr,
-                flush=True,
-            )
-    finally:
-        shutil.rmtree(rundir, ignore_errors=True)
-    lines = report(args, res, time.perf_counter() - start)
-    print("\n".join(lines), flush=True)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    out = Report(args)
+    report(args, measure_each(runs, lambda run: spawn(args, run), args), out)
+    out.close()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ Per (backbone, method): median training-step time (forward + loss + backward + A
 ``no_grad``) unmerged and, for the two LoRAs, after merging; trainable parameters; AdamW state bytes
 after the first step; and peak memory during training. On CUDA that is
 ``torch.cuda.max_memory_allocated``; on CPU it is the peak RSS of a fresh subprocess, so every
-(backbone, method) runs in its own worker process (``--worker``, JSON over stdout) on either device.
+(backbone, method) runs in its own fresh worker process (``harness.run_worker``) on either device.
 
 Before timing, once per backbone, our LoRA and peft's are checked to compute the same function: both
 are injected into copies of one model, our non-zero ``lora_A``/``lora_B`` are copied into peft's
@@ -29,36 +29,37 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import importlib.util
-import json
 import os
-import platform
-import resource
-import statistics
-import subprocess
 import sys
-import time
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from common import (  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
-    OthersLoad,
-    device_name,
-    llama_config,
-    peak_rss_bytes,
-    record,
-    reset_peak_rss,
-    rss_bytes,
+from common import llama_config, record  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from harness import (  # noqa: E402
+    NOISY,
+    PeakMemory,
+    Report,
+    WorkerFailed,
+    add_common_args,
+    fastest,
+    markdown_table,
+    measure_each,
+    measure_steps,
+    mib,
+    ms,
+    optimizer_state_bytes,
+    parse_args,
+    ratio,
+    run_worker,
 )
 from torch import nn  # noqa: E402
 
 BACKBONES = ("llama", "vit")
 METHODS = ("full", "ours", "peft")
 LABELS = {"full": "full FT", "ours": "our LoRA", "peft": "peft LoRA"}
-RESULT_MARK = "__LORA_SPEED_RESULT__ "
 
 # Sizes: "small" keeps one training step to a second or two on 2 CPU cores.
 SIZES: dict[str, dict[str, dict[str, int]]] = {
@@ -77,7 +78,6 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
 }
 NUM_CLASSES = 10
 N_BATCHES = 4  # distinct input batches, cycled through the steps
-NOISY = 0.10  # share of the CPUs used by other processes above which a timing is flagged as disturbed
 
 
 # ----------------------------------------------------------------------------------------------- models and data
@@ -159,35 +159,18 @@ def apply_method(method: str, model: nn.Module, args: argparse.Namespace, init: 
 # ----------------------------------------------------------------------------------------------- measurement
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    total = 0
-    for state in opt.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                total += value.nbytes
-    return total
-
-
 def time_inference(backbone: str, model: nn.Module, x: torch.Tensor, device: torch.device, n: int) -> float:
+    """Median eval-mode ``no_grad`` forward over ``n`` passes after two warm-up passes."""
+
+    def forward(i: int, timer: Any) -> None:
+        logits(backbone, model, x)
+
     model.eval()
-    times = []
     with torch.no_grad():
-        for i in range(n + 2):  # two warm-up passes
-            sync(device)
-            t0 = time.perf_counter()
-            logits(backbone, model, x)
-            sync(device)
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return measure_steps(forward, n, 2, device)["step_s"]
 
 
-def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
     """One (backbone, method) in this (fresh) process: training steps, inference, memory."""
     device = torch.device(args.device)
     size = SIZES[args.size][args.backbone]
@@ -199,38 +182,20 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
+    memory = PeakMemory(device).start()
+    opt_bytes = []
 
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        mem_before = torch.cuda.memory_allocated(device)
-        peak_is_reset = True
-    else:
-        mem_before = rss_bytes()
-        peak_is_reset = reset_peak_rss()
-        if not peak_is_reset:  # the high-water mark so far is the best baseline there is
-            mem_before = max(mem_before, peak_rss_bytes())
-
-    step_times, opt_bytes, losses = [], 0, []
-    others = OthersLoad().start()
-    for step in range(args.warmup + args.steps):
-        batch = batches[step % len(batches)]
-        sync(device)
-        t0 = time.perf_counter()
-        loss = loss_of(args.backbone, model, batch)
+    def step(i: int, timer: Any) -> torch.Tensor:
+        loss = loss_of(args.backbone, model, batches[i % len(batches)])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync(device)
-        elapsed = time.perf_counter() - t0
-        if step == 0:
-            opt_bytes = optimizer_state_bytes(opt)
-        if step >= args.warmup:
-            step_times.append(elapsed)
-        losses.append(float(loss.detach()))
+        if i == 0:
+            opt_bytes.append(optimizer_state_bytes(opt))
+        return loss.detach()
 
-    others_share = others.stop()
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+    timed = measure_steps(step, args.steps, args.warmup, device)
+    figures = memory.figures()
 
     infer_n = max(3, args.steps)
     x = batches[0]["x"]
@@ -250,19 +215,13 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "method": args.method,
         "trainable": trainable,
         "total": total_params,
-        "step_s": statistics.median(step_times),
-        "step_min_s": min(step_times),
-        "step_max_s": max(step_times),
+        **{k: timed[k] for k in ("step_s", "step_min_s", "step_max_s", "others_cpu_share")},
         "infer_s": infer,
         "infer_merged_s": infer_merged,
-        "opt_state_bytes": opt_bytes,
-        "mem_before_bytes": mem_before,
-        "peak_bytes": peak,
-        "peak_growth_bytes": peak - mem_before,
-        "peak_is_reset": peak_is_reset,
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
-        "others_cpu_share": others_share,
+        "opt_state_bytes": opt_bytes[0],
+        **figures,
+        "first_loss": timed["losses"][0],
+        "last_loss": timed["losses"][-1],
     }
 
 
@@ -313,81 +272,15 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def wait_for_quiet(limit_s: float, threshold: float = 0.10) -> None:
-    """Wait (at most ``limit_s``) until other processes use under ``threshold`` of the CPUs for 2 s running."""
-    deadline = time.perf_counter() + limit_s
-    while time.perf_counter() < deadline:
-        probe = OthersLoad((resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)).start()
-        time.sleep(2.0)
-        share = probe.stop()
-        if share is None or share < threshold:
-            return
-
-
-def spawn(args: argparse.Namespace, backbone: str, method: str, check: bool = False) -> dict[str, Any]:
-    """Run one worker (a measurement, or with ``check`` the equivalence check) in a fresh process."""
-    if args.wait_idle > 0 and not check:
-        wait_for_quiet(args.wait_idle)
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--worker",
-        "--backbone",
-        backbone,
-        "--method",
-        method,
-        "--size",
-        args.size,
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--device",
-        args.device,
-        "--r",
-        str(args.r),
-        "--alpha",
-        str(args.alpha),
-        "--seed",
-        str(args.seed),
-        "--threads",
-        str(args.threads),
-    ] + (["--check"] if check else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-4000:])
-        if check:
-            sys.exit(
-                f"error: equivalence check for {backbone} failed (exit {proc.returncode}): our LoRA and peft's "
-                "do not compute the same thing, so timing them side by side would be meaningless; see above"
-            )
-        sys.exit(f"error: worker {backbone}/{method} failed (exit {proc.returncode}); its stderr is above")
-    return json.loads(lines[-1][len(RESULT_MARK) :])
-
-
 def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Combine repeats: the fastest median step/inference times (outside load only ever slows a run down)."""
-    best = dict(min(runs, key=lambda r: r["step_s"]))
+    best = fastest(runs)
     for key in ("infer_s", "infer_merged_s"):
         values = [r[key] for r in runs if r[key] is not None]
         best[key] = min(values) if values else None
     best["step_min_s"] = min(r["step_min_s"] for r in runs)
     best["step_max_s"] = max(r["step_max_s"] for r in runs)
-    best["repeat_step_s"] = [r["step_s"] for r in runs]
     return best
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.3f}" if a is not None and b else "—"
-
-
-def _ms(s: float | None) -> str:
-    return "—" if s is None else f"{1000 * s:.1f}"
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f}"
 
 
 def table(
@@ -413,42 +306,42 @@ def table(
         f"({', '.join(check['targets'])}); equivalence check: max |logit diff| ours vs peft "
         f"{check['max_abs_diff']:.1e} (adapters move logits by {check['max_change']:.1e}).",
         "",
-        f"| method | trainable params | trainable % | step (ms) | step / full FT | step / peft | infer (ms) "
-        f"| infer / peft | infer merged (ms) | merged / peft | AdamW state (MiB) | {mem} growth (MiB) "
-        f"| growth / full FT | {mem} (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for key in METHODS:
-        r = res[key]
-        cells = [
+    columns = ["method", "trainable params", "trainable %", "step (ms)", "step / full FT", "step / peft", "infer (ms)"]
+    columns += ["infer / peft", "infer merged (ms)", "merged / peft", "AdamW state (MiB)", f"{mem} growth (MiB)"]
+    columns += ["growth / full FT", f"{mem} (MiB)"]
+    rows = [
+        [
             LABELS[key],
             f"{r['trainable']:,}",
             f"{100 * r['trainable'] / full['trainable']:.2f}",
-            _ms(r["step_s"]),
-            _ratio(r["step_s"], full["step_s"]),
-            _ratio(r["step_s"], peft["step_s"]),
-            _ms(r["infer_s"]),
-            _ratio(r["infer_s"], peft["infer_s"]),
-            _ms(r["infer_merged_s"]),
-            _ratio(r["infer_merged_s"], peft["infer_merged_s"]),
-            _mib(r["opt_state_bytes"]),
-            _mib(r["peak_growth_bytes"]),
-            _ratio(r["peak_growth_bytes"], full["peak_growth_bytes"]),
-            _mib(r["peak_bytes"]),
+            ms(r["step_s"]),
+            ratio(r["step_s"], full["step_s"]),
+            ratio(r["step_s"], peft["step_s"]),
+            ms(r["infer_s"]),
+            ratio(r["infer_s"], peft["infer_s"]),
+            ms(r["infer_merged_s"]),
+            ratio(r["infer_merged_s"], peft["infer_merged_s"]),
+            mib(r["opt_state_bytes"]),
+            mib(r["peak_growth_bytes"]),
+            ratio(r["peak_growth_bytes"], full["peak_growth_bytes"]),
+            mib(r["peak_bytes"]),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        for key, r in ((k, res[k]) for k in METHODS)
+    ]
+    lines += markdown_table(columns, rows)
     lines += [
         "",
-        f"ours / peft: step {_ratio(ours['step_s'], peft['step_s'])}, "
-        f"inference {_ratio(ours['infer_s'], peft['infer_s'])}"
-        f" (merged {_ratio(ours['infer_merged_s'], peft['infer_merged_s'])}), {mem} growth "
-        f"{_ratio(ours['peak_growth_bytes'], peft['peak_growth_bytes'])}. "
-        f"LoRA / full FT step: ours {_ratio(ours['step_s'], full['step_s'])}, "
-        f"peft {_ratio(peft['step_s'], full['step_s'])}; "
-        f"{mem} growth: ours {_ratio(ours['peak_growth_bytes'], full['peak_growth_bytes'])}, "
-        f"peft {_ratio(peft['peak_growth_bytes'], full['peak_growth_bytes'])}. "
+        f"ours / peft: step {ratio(ours['step_s'], peft['step_s'])}, "
+        f"inference {ratio(ours['infer_s'], peft['infer_s'])}"
+        f" (merged {ratio(ours['infer_merged_s'], peft['infer_merged_s'])}), {mem} growth "
+        f"{ratio(ours['peak_growth_bytes'], peft['peak_growth_bytes'])}. "
+        f"LoRA / full FT step: ours {ratio(ours['step_s'], full['step_s'])}, "
+        f"peft {ratio(peft['step_s'], full['step_s'])}; "
+        f"{mem} growth: ours {ratio(ours['peak_growth_bytes'], full['peak_growth_bytes'])}, "
+        f"peft {ratio(peft['peak_growth_bytes'], full['peak_growth_bytes'])}. "
         "Step range (min-max ms): "
-        + ", ".join(f"{LABELS[k]} {_ms(res[k]['step_min_s'])}-{_ms(res[k]['step_max_s'])}" for k in METHODS)
+        + ", ".join(f"{LABELS[k]} {ms(res[k]['step_min_s'])}-{ms(res[k]['step_max_s'])}" for k in METHODS)
         + ".",
     ]
     record("lora_speed", f"{backbone}: our LoRA step / peft LoRA step", ours["step_s"] / peft["step_s"])
@@ -460,13 +353,13 @@ def table(
     if any(len(res[k]["repeat_step_s"]) > 1 for k in METHODS):
         lines[-1] += (
             " Median step of each run (ms): "
-            + "; ".join(f"{LABELS[k]} " + ", ".join(_ms(v) for v in res[k]["repeat_step_s"]) for k in METHODS)
+            + "; ".join(f"{LABELS[k]} " + ", ".join(ms(v) for v in res[k]["repeat_step_s"]) for k in METHODS)
             + "."
         )
     shares = {k: res[k]["others_cpu_share"] for k in METHODS}
     if all(v is not None for v in shares.values()):
         lines[-1] += (
-            " Other processes' share of the CPUs during the training steps: "
+            " Other processes' share of the CPUs during the timed steps: "
             + ", ".join(f"{LABELS[k]} {100 * v:.0f} %" for k, v in shares.items())
             + "."
         )
@@ -485,112 +378,45 @@ def table(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="small", choices=list(SIZES))
-    parser.add_argument("--steps", type=int, default=10, help="timed training steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_common_args(parser, steps=10, warmup=2)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--wait-idle",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="on a shared machine: before each measurement, wait up to this long for other processes to go quiet",
-    )
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=1,
-        help="run every method this many times, interleaved, and keep the fastest median",
-    )
-    parser.add_argument(
-        "--noisy-retries",
-        type=int,
-        default=0,
-        metavar="N",
-        help="measure a (backbone, method) again, up to N times, when other processes used over "
-        "10 %% of the CPUs during its timed steps; the fastest run is kept",
-    )
-    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = the cores available to us")
     parser.add_argument("--backbones", default=",".join(BACKBONES), help="comma-separated subset of llama,vit")
-    parser.add_argument("--markdown", metavar="PATH", help="also write the output to this file")
-    # internal: one measurement in a fresh process
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--backbone", choices=BACKBONES, help=argparse.SUPPRESS)
-    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.noisy_retries < 0:
-        parser.error("--steps and --repeats must be >= 1, --warmup and --noisy-retries >= 0")
+    args = parse_args(parser)
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
     if not backbones or any(b not in BACKBONES for b in backbones):
         parser.error(f"--backbones must be a comma-separated subset of {','.join(BACKBONES)}")
-
     if importlib.util.find_spec("peft") is None:
         sys.exit("error: peft is not installed; this benchmark compares against it: pip install peft")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but torch.cuda.is_available() is False")
-    if args.threads <= 0:
-        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(args.threads)
 
-    if args.worker:
-        result = run_check(args) if args.check else run_worker(args)
-        print(RESULT_MARK + json.dumps(result), flush=True)
-        return
-
-    start = time.perf_counter()
-    load = OthersLoad((resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)).start()
-    header = [
-        f"# LoRA speed: full FT vs our LoRA vs peft LoRA ({datetime.datetime.now().strftime('%Y-%m-%d %H:%M')})",
-        "",
-        f"Device: {device_name(args.device)} ({args.device}, {args.threads} threads); torch {torch.__version__}, "
-        f"peft {_version('peft')}, transformers {_version('transformers')}, timm {_version('timm')}; "
-        f"python {platform.python_version()}. Size preset `{args.size}`, median of {args.steps} steps after "
-        f"{args.warmup} warm-up; every (backbone, method) in a fresh process"
+    report = Report(args)
+    report.header(
+        "# LoRA speed: full FT vs our LoRA vs peft LoRA",
+        packages=("peft", "transformers", "timm"),
+        details=f"Size preset `{args.size}`, median of {args.steps} steps after {args.warmup} warm-up; every "
+        "(backbone, method) in a fresh process"
         + (f"; fastest of {args.repeats} interleaved repeats" if args.repeats > 1 else "")
         + (f"; up to {args.noisy_retries} re-runs of a disturbed measurement" if args.noisy_retries else "")
         + ".",
-        "",
-    ]
-    print("\n".join(header), flush=True)
-    out = list(header)
-    for backbone in backbones:
-        size = SIZES[args.size][backbone]
-        check = spawn(args, backbone, "ours", check=True)
-        runs: dict[str, list[dict[str, Any]]] = {method: [] for method in METHODS}
-        for _ in range(args.repeats):  # interleaved, so a burst of outside load does not hit one method only
-            for method in METHODS:
-                runs[method].append(spawn(args, backbone, method))
-                for _ in range(args.noisy_retries):  # a run disturbed by outside load is measured again
-                    if (runs[method][-1]["others_cpu_share"] or 0.0) <= NOISY:
-                        break
-                    runs[method].append(spawn(args, backbone, method))
-        res = {method: best_of(runs[method]) for method in METHODS}
-        lines = table(backbone, size, res, check, args)
-        print("\n".join(lines), flush=True)
-        out += lines
-    share = load.stop()
-    footer = f"Total wall time {time.perf_counter() - start:.0f} s" + (
-        "." if share is None else f"; other processes used {100 * share:.0f} % of the machine's CPU meanwhile."
     )
-    print(footer)
-    out.append(footer)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(out) + "\n")
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "not installed"
+    spec = vars(args)
+    for backbone in backbones:
+        try:
+            check = run_worker(run_check, spec | {"backbone": backbone}, threads=args.threads, label="check")
+        except WorkerFailed as err:
+            sys.exit(
+                f"{err.output}\nerror: equivalence check for {backbone} failed (exit {err.returncode}): our LoRA and "
+                "peft's do not compute the same thing, so timing them side by side would be meaningless; see above"
+            )
+        res = measure_each(
+            METHODS,
+            lambda m, b=backbone: run_worker(run_train, spec | {"backbone": b, "method": m}, threads=args.threads),
+            args,
+            combine=best_of,
+        )
+        report.print(table(backbone, SIZES[args.size][backbone], res, check, args))
+    report.close()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Not a test (STYLE.md item 13). Plain PyTorch training loops (no Lightning) with AdamW everywhere, built
 from the library's pure-torch pieces exactly as the callbacks drive them; every configuration runs in
-its own fresh worker process (``--worker PART:CONFIG``, JSON over stdout). Models are built from
+its own fresh worker process (``harness.run_worker``). Models are built from
 configs with random weights (nothing is downloaded).
 
 **Part A, ID³** (``lightning_peft.callbacks.ID3``): a transformers ``LlamaForCausalLM`` (default hidden
@@ -68,30 +68,30 @@ full FT step; SaRA peak <= 0.7 x full FT peak; SaRA step <= 1.3 x full FT step.
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
-import json
 import math
 import os
-import platform
-import resource
-import statistics
-import subprocess
-import sys
-import time
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from common import (  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
-    OthersLoad,
-    cores,
-    device_name,
-    peak_rss_bytes,
-    record,
-    reset_peak_rss,
-    rss_bytes,
+from common import llama_config, record  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from harness import (  # noqa: E402
+    PeakMemory,
+    Report,
+    StepTimer,
+    add_common_args,
+    markdown_table,
+    measure_each,
+    measure_steps,
+    mib,
+    ms,
+    optimizer_state_bytes,
+    others_cell,
+    parse_args,
+    ratio,
+    run_worker,
+    verdict,
 )
 from torch import nn  # noqa: E402
 
@@ -111,8 +111,6 @@ LABELS = {
     "sara_all": "SaRA 10 % of all conv + linear, sparse core",
     "floor": "floor: frozen model, backward to the input only",
 }
-RESULT_MARK = "__SPARSE_MEMORY_RESULT__ "
-NOISY = 0.10  # share of the CPUs used by other processes above which a measurement is flagged as disturbed
 N_BATCHES = 4  # distinct input batches, cycled through the steps
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -120,29 +118,6 @@ UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 PEAK_GOAL = 0.7
 STEP_GOAL = 1.3
 STATE_TOLERANCE = 0.01  # |(state ratio) / (budget fraction) - 1|
-
-
-# ----------------------------------------------------------------------------------------------- probes
-
-
-def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    return sum(v.nbytes for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
-
-
-def current_peak(device: torch.device) -> int:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        reset_peak_rss()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------------------------- models and data
@@ -159,19 +134,9 @@ def build_model(part: str, args: argparse.Namespace) -> nn.Module:
     """The backbone with deterministic random weights (same seed -> same weights in every process)."""
     torch.manual_seed(args.seed)
     if part == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
 
-        cfg = LlamaConfig(
-            vocab_size=args.vocab,
-            hidden_size=args.hidden,
-            intermediate_size=args.intermediate,
-            num_hidden_layers=args.layers,
-            num_attention_heads=args.heads,
-            num_key_value_heads=args.heads,
-            max_position_embeddings=max(512, args.seq),
-            use_cache=False,
-        )
-        return LlamaForCausalLM(cfg)
+        return LlamaForCausalLM(llama_config(vars(args)))
     from diffusers import UNet2DConditionModel
 
     down, up = unet_blocks(args.unet_channels)
@@ -516,10 +481,9 @@ def make_method(part: str, config: str, model: nn.Module, args: argparse.Namespa
 # ----------------------------------------------------------------------------------------------- worker
 
 
-def run_worker(args: argparse.Namespace) -> dict[str, Any]:
-    part, config = args.worker.split(":")
-    if args.id3_t <= 0:
-        args.id3_t = args.warmup + args.steps
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """One configuration (``args.part``, ``args.config``) in this fresh process."""
+    part, config = args.part, args.config
     device = torch.device(args.device)
     # import everything the run needs before the memory baseline, so that imports do not count
     if part == "llama":
@@ -533,18 +497,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     from lightning_peft.adapters import LoRAConfig, inject_adapters  # noqa: F401
 
     loss_fn = Loss(part)
-    gc.collect()
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        mem_before = torch.cuda.memory_allocated(device)
-        peak_is_reset = True
-    else:
-        mem_before = rss_bytes()
-        peak_is_reset = reset_peak_rss()
-        if not peak_is_reset:
-            mem_before = max(mem_before, peak_rss_bytes())
-
+    memory = PeakMemory(device).start()
     model = build_model(part, args).to(device)
     total_params = sum(p.numel() for p in model.parameters())
     method = make_method(part, config, model, args)
@@ -553,43 +506,30 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     batches = make_batches(part, args, device)
     model.train()
 
-    untimed = args.warmup + (args.id3_steady_t if config == "id3_steady" else 0)
-    phases: dict[str, list[float]] = {"step": [], "fwd": [], "bwd": [], "method": [], "opt": []}
-    losses: list[float] = []
-    others = OthersLoad()
-    untimed_peak = 0
-    for step in range(untimed + args.steps):
-        if step == untimed:  # from here on the peak of the timed steps only (the whole run's is kept too)
-            sync(device)
-            untimed_peak = current_peak(device)
-            reset_peak(device)
-            others.start()
-        batch = batches[step % len(batches)]
-        sync(device)
-        t0 = time.perf_counter()
-        method.before_forward(step)
+    def step(i: int, timer: StepTimer) -> torch.Tensor:
+        batch = batches[i % len(batches)]
+        method.before_forward(i)
         loss = loss_fn(model, batch)
-        sync(device)
-        t1 = time.perf_counter()
+        timer.lap("fwd")
         loss.backward()
-        sync(device)
-        t2 = time.perf_counter()
-        method.after_backward(step)
-        sync(device)
-        t3 = time.perf_counter()
+        timer.lap("bwd")
+        method.after_backward(i)
+        timer.lap("method")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync(device)
-        t4 = time.perf_counter()
-        if step >= untimed:
-            for key, value in zip(phases, (t4 - t0, t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-                phases[key].append(value)
-        losses.append(float(loss.detach()))
-    others_share = others.stop()
-    sync(device)
-    timed_peak = current_peak(device)
-    peak = max(untimed_peak, timed_peak)
+        timer.lap("opt")
+        return loss.detach()
 
+    untimed_peak = [0]
+
+    def before_timed() -> None:  # from here on the peak of the timed steps only (the whole run's is kept too)
+        untimed_peak[0] = memory.peak()
+        memory.reset()
+
+    untimed = args.warmup + (args.id3_steady_t if config == "id3_steady" else 0)
+    timed = measure_steps(step, args.steps, untimed, device, before_timed=before_timed)
+    timed_peak = memory.peak()
+    whole = memory.figures(max(untimed_peak[0], timed_peak))
     return {
         "part": part,
         "config": config,
@@ -597,19 +537,12 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "trainable": sum(p.numel() for p in params),
         "trained_entries": method.trained_entries(params),
         "opt_state_bytes": optimizer_state_bytes(opt),
-        "mem_before_bytes": mem_before,
-        "peak_bytes": peak,
-        "peak_growth_bytes": peak - mem_before,
-        "peak_is_reset": peak_is_reset,
+        **whole,
         "timed_peak_bytes": timed_peak,
-        "timed_peak_growth_bytes": timed_peak - mem_before,
-        "step_s": statistics.median(phases["step"]),
-        "step_min_s": min(phases["step"]),
-        "step_max_s": max(phases["step"]),
-        "phases_s": {k: statistics.median(v) for k, v in phases.items()},
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
-        "others_cpu_share": others_share,
+        "timed_peak_growth_bytes": timed_peak - whole["mem_before_bytes"],
+        **{k: timed[k] for k in ("step_s", "step_min_s", "step_max_s", "phases_s", "others_cpu_share")},
+        "first_loss": timed["losses"][0],
+        "last_loss": timed["losses"][-1],
         "threads": torch.get_num_threads(),
         "info": method.info,
     }
@@ -618,103 +551,33 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def wait_for_quiet(limit_s: float, threshold: float = NOISY) -> None:
-    """Wait (at most ``limit_s``) until other processes use under ``threshold`` of the CPUs for 2 s running."""
-    deadline = time.perf_counter() + limit_s
-    while time.perf_counter() < deadline:
-        probe = OthersLoad((resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)).start()
-        time.sleep(2.0)
-        share = probe.stop()
-        if share is None or share < threshold:
-            return
-
-
-WORKER_ARGS = (
-    "steps",
-    "warmup",
-    "device",
-    "threads",
-    "seed",
-    "r",
-    "alpha",
-    "hidden",
-    "layers",
-    "intermediate",
-    "heads",
-    "vocab",
-    "batch",
-    "seq",
-    "id3_steady_t",
-    "id3_t",
-    "unet_sample",
-    "unet_layers",
-    "unet_cross",
-    "unet_batch",
-    "unet_text_len",
-    "sara_fraction",
-    "sara_lambda",
-)
-
-
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # glibc: every block >= 64 KiB is mmapped, hence unmapped on free
+MEMORY_KEYS = ("peak_bytes", "peak_growth_bytes", "timed_peak_bytes", "timed_peak_growth_bytes")
 
 
 def spawn(args: argparse.Namespace, part: str, config: str, memory: bool = False) -> dict[str, Any]:
     """One configuration in a fresh process; ``memory``: the memory pass (fixed mmap threshold, fewer steps)."""
-    if args.wait_idle > 0 and not memory:
-        wait_for_quiet(args.wait_idle)
-    values = vars(args) | {"id3_t": args.warmup + args.steps}  # ID³ unmasks during every timed step
+    spec = vars(args) | {"part": part, "config": config, "id3_t": args.warmup + args.steps}  # ID³: every timed step
     if memory:  # the same T (the same entries per step as timed); id3 runs all T steps, to its full selection
-        steps = values["id3_t"] - 1 if config == "id3" else args.memory_steps
-        values |= {"steps": steps, "warmup": 1}
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{part}:{config}"]
-    for name in WORKER_ARGS:
-        cmd += [f"--{name.replace('_', '-')}", str(values[name])]
-    cmd += ["--unet-channels", ",".join(map(str, args.unet_channels))]
-    env = os.environ | (MALLOC_ENV if memory else {})
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-4000:])
-        sys.exit(f"error: worker {part}:{config} failed (exit {proc.returncode}); its stderr is above")
-    return json.loads(lines[-1][len(RESULT_MARK) :])
+        spec |= {"steps": spec["id3_t"] - 1 if config == "id3" else args.memory_steps, "warmup": 1}
+    return run_worker(run_config, spec, threads=args.threads, env=MALLOC_ENV if memory else None, label=config)
 
 
-MEMORY_KEYS = ("peak_bytes", "peak_growth_bytes", "timed_peak_bytes", "timed_peak_growth_bytes")
-
-
-def measure(args: argparse.Namespace, part: str, config: str) -> dict[str, Any]:
-    """The timing run (re-measured up to ``--noisy-retries`` times if disturbed; the fastest is kept), then on CPU
-    the memory pass, whose peaks replace the timing run's (kept as ``default_malloc``)."""
-    runs = [spawn(args, part, config)]
-    for _ in range(args.noisy_retries):
-        if (runs[-1]["others_cpu_share"] or 0.0) <= NOISY:
-            break
-        runs.append(spawn(args, part, config))
-    best = dict(min(runs, key=lambda r: r["step_s"]))
-    best["runs"] = len(runs)
-    best["default_malloc"] = {k: best[k] for k in MEMORY_KEYS}
-    if args.device == "cpu" and args.memory_steps > 0:
-        mem = spawn(args, part, config, memory=True)
-        best.update({k: mem[k] for k in MEMORY_KEYS})
-        best["memory_pass"] = True
-    return best
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.3f}" if a is not None and b else "—"
-
-
-def _ms(s: float) -> str:
-    return f"{1000 * s:.1f}"
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f}"
+def measure(args: argparse.Namespace, part: str, configs: list[str]) -> dict[str, dict[str, Any]]:
+    """The timing runs (``--repeats``, ``--wait-idle``, ``--noisy-retries``: the fastest is kept), then on CPU each
+    configuration's memory pass, whose peaks replace the timing run's (kept as ``default_malloc``)."""
+    res = measure_each(configs, lambda c: spawn(args, part, c), args)
+    for config, best in res.items():
+        best["default_malloc"] = {k: best[k] for k in MEMORY_KEYS}
+        if args.device == "cpu" and args.memory_steps > 0:
+            mem = spawn(args, part, config, memory=True)
+            best.update({k: mem[k] for k in MEMORY_KEYS})
+            best["memory_pass"] = True
+    return res
 
 
 def _verdict(ok: bool) -> str:
-    return "**PASS**" if ok else "**MISS**"
+    return f"**{verdict(ok)}**"
 
 
 def table(part: str, res: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[str]:
@@ -756,36 +619,30 @@ def table(part: str, res: dict[str, dict[str, Any]], args: argparse.Namespace) -
             notes.append(f"{key}: " + ", ".join(bits))
     if notes:
         lines[-1] += " " + "; ".join(notes) + "."
-    lines += [
-        "",
-        f"| configuration | optimizer params | entries trained | step (ms) | step / full FT | fwd / bwd / method / "
-        f"opt (ms) | AdamW state (MiB) | {mem} growth (MiB) | growth / full FT | growth in timed steps (MiB) "
-        f"| timed / full FT | {mem} (MiB) |"
-        + (" growth, default malloc (MiB) |" if memory_pass else "")
-        + " others' CPU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if memory_pass else ""),
-    ]
-    for key, r in res.items():
-        ph = r["phases_s"]
-        share = r["others_cpu_share"]
-        disturbed = share is not None and share > NOISY
-        cells = [
+    columns = ["configuration", "optimizer params", "entries trained", "step (ms)", "step / full FT"]
+    columns += ["fwd / bwd / method / opt (ms)", "AdamW state (MiB)", f"{mem} growth (MiB)", "growth / full FT"]
+    columns += ["growth in timed steps (MiB)", "timed / full FT", f"{mem} (MiB)"]
+    columns += ["growth, default malloc (MiB)"] * memory_pass + ["others' CPU"]
+    rows = [
+        [
             f"`{key}` {LABELS[key]}",
             f"{r['trainable']:,}",
             f"{r['trained_entries']:,}",
-            _ms(r["step_s"]),
-            _ratio(r["step_s"], full["step_s"] if full else None),
-            " / ".join(_ms(ph[k]) for k in ("fwd", "bwd", "method", "opt")),
-            _mib(r["opt_state_bytes"]),
-            _mib(r["peak_growth_bytes"]),
-            _ratio(r["peak_growth_bytes"], full["peak_growth_bytes"] if full else None),
-            _mib(r["timed_peak_growth_bytes"]),
-            _ratio(r["timed_peak_growth_bytes"], full["timed_peak_growth_bytes"] if full else None),
-            _mib(r["peak_bytes"]),
-            *([_mib(r["default_malloc"]["peak_growth_bytes"])] if memory_pass else []),
-            ("—" if share is None else f"{100 * share:.0f} %") + (" **disturbed**" if disturbed else ""),
+            ms(r["step_s"]),
+            ratio(r["step_s"], full["step_s"] if full else None),
+            " / ".join(ms(r["phases_s"][k]) for k in ("fwd", "bwd", "method", "opt")),
+            mib(r["opt_state_bytes"]),
+            mib(r["peak_growth_bytes"]),
+            ratio(r["peak_growth_bytes"], full["peak_growth_bytes"] if full else None),
+            mib(r["timed_peak_growth_bytes"]),
+            ratio(r["timed_peak_growth_bytes"], full["timed_peak_growth_bytes"] if full else None),
+            mib(r["peak_bytes"]),
+            *([mib(r["default_malloc"]["peak_growth_bytes"])] if memory_pass else []),
+            others_cell(r["others_cpu_share"]),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        for key, r in res.items()
+    ]
+    lines += ["", *markdown_table(columns, rows)]
     lines += ["", "Goals (figures of this run):", ""]
     lines += goals(part, res, mem)
     lines.append("")
@@ -851,29 +708,13 @@ def goals(part: str, res: dict[str, dict[str, Any]], mem: str) -> list[str]:
             (step <= STEP_GOAL) if goal else None,
         )
         out.append(
-            f"- `{key}`{tag}: {mem} growth {_mib(r['peak_growth_bytes'])} MiB / full FT "
-            f"{_mib(full['peak_growth_bytes'])} MiB = {peak:.3f} (goal <= {PEAK_GOAL}): {_verdict(peak <= PEAK_GOAL)} "
+            f"- `{key}`{tag}: {mem} growth {mib(r['peak_growth_bytes'])} MiB / full FT "
+            f"{mib(full['peak_growth_bytes'])} MiB = {peak:.3f} (goal <= {PEAK_GOAL}): {_verdict(peak <= PEAK_GOAL)} "
             f"(timed steps only: {timed:.3f}, {_verdict(timed <= PEAK_GOAL)}); "
-            f"step {_ms(r['step_s'])} ms / full FT {_ms(full['step_s'])} ms = {step:.3f} "
+            f"step {ms(r['step_s'])} ms / full FT {ms(full['step_s'])} ms = {step:.3f} "
             f"(goal <= {STEP_GOAL}): {_verdict(step <= STEP_GOAL)}"
         )
     return out
-
-
-def loadavg() -> str:
-    try:
-        return "/".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -884,10 +725,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of llama,unet")
     parser.add_argument("--configs", default="", help="comma-separated subset of the configurations (default all)")
-    parser.add_argument("--steps", type=int, default=8, help="timed training steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = the cores available to us")
+    add_common_args(parser, steps=8, warmup=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--r", type=int, default=8, help="LoRA rank (and ID³'s budget: LoRA's parameter count)")
     parser.add_argument("--alpha", type=float, default=16.0)
@@ -901,7 +739,6 @@ def main() -> None:
     llama.add_argument("--batch", type=int, default=8)
     llama.add_argument("--seq", type=int, default=128)
     llama.add_argument("--id3-steady-t", type=int, default=2, help="T of the id3_steady configuration")
-    llama.add_argument("--id3-t", type=int, default=0, help=argparse.SUPPRESS)  # set by the driver: warm-up + steps
     unet = parser.add_argument_group("part B (UNet, SaRA)")
     unet.add_argument("--unet-sample", type=int, default=32)
     unet.add_argument("--unet-channels", type=_ints, default=(64, 128, 256))
@@ -912,21 +749,6 @@ def main() -> None:
     unet.add_argument("--sara-fraction", type=float, default=0.1)
     unet.add_argument("--sara-lambda", type=float, default=5e-4)
     parser.add_argument(
-        "--wait-idle",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="on a shared machine: before each measurement, wait up to this long for other processes to go quiet",
-    )
-    parser.add_argument(
-        "--noisy-retries",
-        type=int,
-        default=0,
-        metavar="N",
-        help="measure a configuration again, up to N times, when other processes used over 10 %% of the CPUs "
-        "during its timed steps; the fastest run is kept",
-    )
-    parser.add_argument(
         "--memory-steps",
         type=int,
         default=2,
@@ -934,28 +756,14 @@ def main() -> None:
         help="CPU: steps (after 1 warm-up) of the memory pass, a second fresh process per configuration with "
         "MALLOC_MMAP_THRESHOLD_=65536 whose peak RSS is reported; 0: report the timing run's peak RSS instead",
     )
-    parser.add_argument("--markdown", metavar="PATH", help="also write the output to this file")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0 or args.noisy_retries < 0 or args.id3_steady_t < 1:
-        parser.error("--steps and --id3-steady-t must be >= 1, --warmup and --noisy-retries >= 0")
-    if args.tiny and not args.worker:
+    args = parse_args(parser)
+    if args.id3_steady_t < 1:
+        parser.error("--id3-steady-t must be >= 1")
+    if args.tiny:
         args.hidden, args.layers, args.intermediate, args.heads, args.vocab = 64, 2, 172, 4, 256
         args.batch, args.seq = 2, 32
         args.unet_sample, args.unet_channels, args.unet_layers, args.unet_cross = 16, (32, 64), 1, 32
         args.unet_batch, args.unet_text_len = 2, 4
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but torch.cuda.is_available() is False")
-    if args.threads <= 0:
-        args.threads = cores()
-    torch.set_num_threads(args.threads)
-
-    if args.worker:
-        print(RESULT_MARK + json.dumps(run_worker(args)), flush=True)
-        return
-
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if not parts or any(p not in PARTS for p in parts):
         parser.error(f"--parts must be a comma-separated subset of {','.join(PARTS)}")
@@ -964,16 +772,13 @@ def main() -> None:
     if any(c not in known for c in wanted):
         parser.error(f"--configs must name configurations of the parts run: {sorted(known)}")
 
-    start = time.perf_counter()
-    load = OthersLoad((resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)).start()
-    load_start = loadavg()
-    header = [
-        f"# Sparse methods: ID³ and SaRA memory and speed ({datetime.datetime.now().strftime('%Y-%m-%d %H:%M')})",
-        "",
-        f"Device: {device_name(args.device)}, {cores()} cores ({args.device}, {args.threads} threads); "
-        f"torch {torch.__version__}, transformers {_version('transformers')}, diffusers {_version('diffusers')}; "
-        f"python {platform.python_version()}. Plain PyTorch loops, AdamW (lr 1e-4) everywhere; median of "
-        f"{args.steps} steps after {args.warmup} warm-up; every configuration in a fresh process"
+    report = Report(args)
+    report.header(
+        "# Sparse methods: ID³ and SaRA memory and speed",
+        packages=("transformers", "diffusers"),
+        details=f"Plain PyTorch loops, AdamW (lr 1e-4) everywhere; median of {args.steps} steps after {args.warmup} "
+        "warm-up; every configuration in a fresh process"
+        + (f"; fastest of {args.repeats} interleaved repeats" if args.repeats > 1 else "")
         + (f"; up to {args.noisy_retries} re-runs of a disturbed measurement" if args.noisy_retries else "")
         + (
             f". Memory columns from a second fresh process per configuration (1 + {args.memory_steps} steps; "
@@ -983,29 +788,13 @@ def main() -> None:
             if args.device == "cpu" and args.memory_steps > 0
             else ""
         )
-        + f". Load average (1/5/15 min) at the start: {load_start}.",
-        "",
-    ]
-    print("\n".join(header), flush=True)
-    out = list(header)
-    for part in parts:
-        res = {c: measure(args, part, c) for c in CONFIGS[part] if not wanted or c in wanted}
-        if not res:
-            continue
-        lines = table(part, res, args)
-        print("\n".join(lines), flush=True)
-        out += lines
-    share = load.stop()
-    footer = (
-        f"Total wall time {time.perf_counter() - start:.0f} s"
-        + ("" if share is None else f"; other processes used {100 * share:.0f} % of the machine's CPU meanwhile")
-        + f"; load average at the end: {loadavg()}."
+        + ".",
     )
-    print(footer)
-    out.append(footer)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(out) + "\n")
+    for part in parts:
+        configs = [c for c in CONFIGS[part] if not wanted or c in wanted]
+        if configs:
+            report.print(table(part, measure(args, part, configs), args))
+    report.close()
 
 
 if __name__ == "__main__":
