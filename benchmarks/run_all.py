@@ -37,6 +37,7 @@ BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
     ("lisa_memory", [], ["--hidden", "64", "--layers", "4", "--batch", "2", "--seq", "32", "--steps", "3"]),
     ("sparse_memory", [], ["--tiny", "--steps", "2"]),
     ("fsdp2_memory", [], ["--configs", "bench", "--methods", "lora", "adalora", "--steps", "2", "--warmup", "1"]),
+    ("selective_ddp", [], ["--tiny"]),
 ]
 
 
