@@ -483,3 +483,31 @@ def test_budget_and_ranks_per_layer_reach_the_logger(tmp_path) -> None:
     assert "adalora/rank/blocks.0.attn.qkv" in rank_columns and len(rank_columns) == 8  # 2 blocks x 4 layers
     last = [float(r[c]) for r in rows for c in rank_columns if r.get(c)][-8:]
     assert sum(last) == 2 * 8  # the frozen final pattern holds target_r per layer on average
+
+
+class StopAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True  # what EarlyStopping does
+
+
+def test_a_run_stopped_before_the_schedule_ends_says_so(tmp_path) -> None:
+    from lightning_peft import ZooPublisher, zoo
+
+    callback = AdaLoRA(r=4, target_r=2, tinit=1, tfinal=2, deltaT=1)
+    publisher = ZooPublisher(name="stopped", root=str(tmp_path / "zoo"), base_model="tiny-vit")
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[callback, publisher, StopAt(3)])
+    with pytest.warns(UserWarning, match="stopped at step 3 of the 8 its schedule planned"):
+        trainer.fit(FamilyModule("vit", n_batches=8))
+    folder = Path(zoo.download("stopped", zoo=zoo.LocalZoo(tmp_path / "zoo")))
+    schedule = json.loads((folder / "lightning_peft.json").read_text())["schedule"]
+    assert schedule["finished"] is False and (schedule["stopped_at"], schedule["planned_steps"]) == (3, 8)
+    card = (folder / "README.md").read_text()
+    assert "stopped before the adalora schedule finished" in card and "step 3 of 8" in card
+    # a run that ends its schedule says it finished
+    done = AdaLoRA(r=4, target_r=2, tinit=1, tfinal=1, total_step=3)
+    quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[done]).fit(FamilyModule("vit", n_batches=3))
+    assert done.schedule()["finished"] is True and "stopped_at" not in done.schedule()

@@ -123,6 +123,7 @@ class AdaLoRA(LoRA):
         self.total_step = total_step  # as asked; config.total_step holds the value a fit resolved
         self.allocator: RankAllocator | None = None
         self.outcome: dict[str, Any] = {}  # final ranks and budget history, kept after fit for pictures and the zoo
+        self.unfinished: dict[str, Any] | None = None  # set when a fit stops before the schedule reaches its end
         self._pending: dict[str, Any] | None = None
         self._last_step = -1
         self.penalty = torch.zeros(())
@@ -231,6 +232,7 @@ class AdaLoRA(LoRA):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         alloc, self.allocator = self.allocator, None  # the allocator holds the pre-shrink parameters: let it go
+        self.unfinished = None
         if alloc is not None:
             final = alloc.rank_pattern if alloc.rank_pattern is not None else alloc.masks
             for layer, keep in zip(alloc.layers, final, strict=True):
@@ -246,6 +248,21 @@ class AdaLoRA(LoRA):
                 f"AdaLoRA: kept {sum(ranks.values())} of {alloc.init_bgt} ranks "
                 f"(target {alloc.target_bgt}) over {len(ranks)} layers"
             )
+            if alloc.rank_pattern is None:  # stopped (early stopping, max_time, should_stop) before the final phase
+                self.unfinished = {
+                    "stopped_at": int(trainer.global_step),
+                    "planned_steps": int(alloc.total_step),
+                    "note": (
+                        f"the budget was still decaying ({sum(ranks.values())} ranks kept, target "
+                        f"{alloc.target_bgt}; the final {alloc.config.tfinal} steps with frozen ranks never ran)"
+                    ),
+                }
+                rank_zero_warn(
+                    f"AdaLoRA: the fit stopped at step {trainer.global_step} of the {alloc.total_step} its schedule "
+                    f"planned, before the rank budget reached its target: {self.unfinished['note']}. The saved "
+                    "result and its zoo entry say so; give the run the steps it planned, or a schedule that fits "
+                    "(tinit, tfinal), for the budget it was given"
+                )
             for logger in trainer.loggers:
                 logger.log_metrics({"adalora/final_ranks": float(sum(ranks.values()))}, step=trainer.global_step)
         super().on_fit_end(trainer, pl_module)
@@ -256,11 +273,13 @@ class AdaLoRA(LoRA):
         if not self.outcome:
             return {}
         history = [[int(step), int(kept)] for step, kept in self.outcome["history"]]
-        return {
+        out = {
             "ranks": dict(self.outcome["ranks"]),
             "history": history,
             "target_budget": self.outcome["target_budget"],
+            "finished": self.unfinished is None,
         }
+        return out | (self.unfinished or {})
 
     @override
     def write_pictures(self, folder: Path) -> list[Path]:

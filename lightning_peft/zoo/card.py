@@ -16,8 +16,12 @@ def write_card(
     metrics: dict[str, float],
     hyperparameters: dict[str, Any],
     pictures: list[str],
+    schedule: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``folder/README.md`` with YAML metadata (``library_name``, ``base_model``, tags, metrics) and a summary."""
+    """Write ``folder/README.md`` with YAML metadata (``library_name``, ``base_model``, tags, metrics) and a summary.
+
+    A ``schedule`` with ``finished: False`` (a run stopped before its method's schedule ended) is said at the top.
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(
@@ -31,6 +35,12 @@ def write_card(
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())) or "| - | - |"
     params = ", ".join(f"`{k}={v}`" for k, v in hyperparameters.items() if v not in (None, [], {}))
     images = "\n".join(f"![{p}]({p})" for p in pictures)
+    unfinished = ""
+    if schedule and schedule.get("finished") is False:
+        unfinished = (
+            f"\n> **The training stopped before the {method} schedule finished** (step {schedule.get('stopped_at')} "
+            f"of {schedule.get('planned_steps')}): {schedule.get('note', 'the result is mid-schedule')}.\n"
+        )
     text = f"""---
 {data.to_yaml()}
 ---
@@ -39,7 +49,7 @@ def write_card(
 
 A **{method}** adapter trained with [lightning-peft](https://pypi.org/project/lightning-peft/)
 on `{base_model or "an unnamed base model"}`.
-
+{unfinished}
 ```python
 from lightning_peft import zoo
 zoo.load(model, "{name}")   # checks the base model's fingerprint, injects the adapters, loads the weights
