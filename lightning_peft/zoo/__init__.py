@@ -133,8 +133,8 @@ def build_entry(
         (folder / "config.yaml").write_text(recipe)
     metrics = {k: float(v) for k, v in (metrics or {}).items()}
     hyper = hyperparameters if hyperparameters is not None else (config.to_dict() if config is not None else {})
-    write_card(folder, name, method, base_model, metrics, hyper, names)
     schedule = dict(schedule or {})
+    write_card(folder, name, method, base_model, metrics, hyper, names, schedule=schedule)
     if method == "adalora" and not schedule:
         schedule = {
             "rank_pattern": read_adapter_config(folder).get("rank_pattern", {}),
