@@ -40,6 +40,21 @@ def restorer(root: nn.Module, unwrap: Callable[[], Any]) -> Callable[[], None]:
     return restore
 
 
+def log_picture(logger: Any, key: str, path: Path, step: int) -> bool:
+    """Send a PNG to a logger that takes images: ``log_image`` (WandB, Neptune, MLflow-style loggers) or a
+    TensorBoard ``SummaryWriter`` (``logger.experiment.add_image``). Returns whether it went anywhere."""
+    if hasattr(logger, "log_image"):
+        logger.log_image(key=key, images=[str(path)])
+        return True
+    experiment = getattr(logger, "experiment", None)
+    if hasattr(experiment, "add_image"):
+        from torchvision.io import ImageReadMode, read_image
+
+        experiment.add_image(key, read_image(str(path), mode=ImageReadMode.RGB), global_step=step, dataformats="CHW")
+        return True
+    return False
+
+
 class MethodCallback(Callback):
     """Base of the method callbacks (``LoRA``, ``AdaLoRA``, ``LISA``, ``ID3``, ``SaRA``).
 
@@ -170,6 +185,5 @@ class MethodCallback(Callback):
             return
         for picture in self.write_pictures(self.saved_to):
             for logger in trainer.loggers:
-                if hasattr(logger, "log_image"):
-                    logger.log_image(key=f"{self.method}/{picture.stem}", images=[str(picture)])
+                log_picture(logger, f"{self.method}/{picture.stem}", picture, trainer.global_step)
         rank_zero_info(f"{type(self).__name__}: result saved to {self.saved_to.resolve()}")

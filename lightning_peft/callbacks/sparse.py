@@ -218,10 +218,16 @@ class SparseMethod(MethodCallback):
     def log_density(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, per_layer: bool, extra: dict[str, float] | None = None
     ) -> float:
-        """Log the overall density (and each layer's, and ``extra``); returns the overall one."""
+        """Log the overall density (and each layer's, and ``extra``); returns the overall one.
+
+        Without ``per_layer`` the figures reach the loggers at the trainer's interval only (``log_every_n_steps``,
+        counted in optimizer steps, as ``self.log`` does); with it (``log_every``, the end of fit) always.
+        """
         layers = self.layers(pl_module)
         active = sum(layer.active_count() for _, layer in layers)
         density = active / max(self.total_params, 1)
+        if not per_layer and (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) != 0:
+            return density
         metrics = {f"{self.method}/density": density, f"{self.method}/active": float(active), **(extra or {})}
         if per_layer:
             self.density_per_layer = {name: layer.density() for name, layer in layers}
