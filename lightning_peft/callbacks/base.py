@@ -47,7 +47,7 @@ def log_picture(logger: Any, key: str, path: Path, step: int) -> bool:
         logger.log_image(key=key, images=[str(path)])
         return True
     experiment = getattr(logger, "experiment", None)
-    if hasattr(experiment, "add_image"):
+    if experiment is not None and hasattr(experiment, "add_image"):
         from torchvision.io import ImageReadMode, read_image
 
         experiment.add_image(key, read_image(str(path), mode=ImageReadMode.RGB), global_step=step, dataformats="CHW")

@@ -226,7 +226,8 @@ class SparseMethod(MethodCallback):
         layers = self.layers(pl_module)
         active = sum(layer.active_count() for _, layer in layers)
         density = active / max(self.total_params, 1)
-        if not per_layer and (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) != 0:
+        every = int(getattr(trainer, "log_every_n_steps", 1) or 1)
+        if not per_layer and (trainer.global_step + 1) % every != 0:
             return density
         metrics = {f"{self.method}/density": density, f"{self.method}/active": float(active), **(extra or {})}
         if per_layer:
