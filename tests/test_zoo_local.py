@@ -220,3 +220,22 @@ def test_cli_list_search_info_download_rm(local, tmp_path, capsys, monkeypatch) 
     assert zoo_cli(["rm", "cli-entry", "--yes", *root]) == 0
     assert [e.name for e in local.list()] == ["pushed"]
     assert zoo_cli(["download", "gone", *root]) == 2 and "no entry 'gone'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["lora", "id3"])
+def test_a_callbacks_save_dir_is_an_entry_that_zoo_push_publishes(method: str, local, tmp_path, capsys) -> None:
+    from lit_helpers import FamilyModule, quiet_trainer
+
+    from lightning_peft import ID3, LoRA
+
+    save_dir = tmp_path / "adapter"
+    cb = (
+        LoRA(r=2, save_dir=str(save_dir)) if method == "lora" else ID3(budget=20, total_steps=2, save_dir=str(save_dir))
+    )
+    module = FamilyModule("llama", n_batches=2)
+    quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[cb]).fit(module)
+    assert (save_dir / "lightning_peft.json").is_file()
+    assert zoo_cli(["push", str(save_dir), "from-save-dir", "--root", str(local.root)]) == 0
+    (entry,) = local.list()
+    assert entry.name == "from-save-dir" and entry.method == method
+    zoo.load(FamilyModule("llama", n_batches=2).model, "from-save-dir", zoo=local)  # the base fingerprint matches

@@ -181,9 +181,24 @@ class MethodCallback(Callback):
             return
         root, _, _ = resolve_backbone(pl_module, self.backbone)
         self.saved_to = self.save(root, self.save_dir)
+        base = self.base_fingerprint(root)  # on every rank (a collective under sharding)
         if self.saved_to is None:  # not rank 0
             return
         for picture in self.write_pictures(self.saved_to):
             for logger in trainer.loggers:
                 log_picture(logger, f"{self.method}/{picture.stem}", picture, trainer.global_step)
+        # the folder is a zoo entry too: `lightning-peft zoo push <save_dir> NAME` publishes it as it is
+        from lightning_peft.distributed import unwrapped_class
+        from lightning_peft.zoo.entry import write_manifest
+
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+        write_manifest(
+            self.saved_to,
+            method=self.method,
+            hyperparameters=self.hyperparameters(),
+            base_fingerprint=base,
+            base_class=unwrapped_class(root).__name__,
+            metrics=metrics,
+            schedule=self.schedule(),
+        )
         rank_zero_info(f"{type(self).__name__}: result saved to {self.saved_to.resolve()}")

@@ -28,6 +28,7 @@ from torch import nn
 import lightning_peft
 from lightning_peft.adapters import read_adapter_config
 from lightning_peft.adapters.serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_json
+from lightning_peft.fileio import staged_file
 
 __all__ = [
     "MANIFEST",
@@ -190,7 +191,8 @@ def write_manifest(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "files": files,
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    with staged_file(folder / MANIFEST) as tmp:  # never half-written
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
 
