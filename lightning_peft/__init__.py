@@ -37,6 +37,7 @@ _LAZY = {
     "remove_adapters": "lightning_peft.adapters",
     "save_adapter": "lightning_peft.adapters",
     "load_adapter": "lightning_peft.adapters",
+    "export": "lightning_peft.exporting",
 }
 
 __all__ = ["__version__", *_LAZY]

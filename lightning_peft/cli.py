@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     from lightning.pytorch.cli import LightningCLI
 
 ZOO_HELP = (
-    "lightning-peft zoo {list,search,info,download,push,rm}: the adapter zoo (local folder or the Hugging Face Hub); "
-    "lightning-peft zoo --help for its commands.\n"
+    "lightning-peft zoo {list,search,info,download,export,push,rm}: the adapter zoo (local folder or the "
+    "Hugging Face Hub); lightning-peft zoo --help for its commands.\n"
+    "lightning-peft export RESULT --base BASE --out DIR: merge a result into its base model, saved in its own format.\n"
     "lightning-peft {fit,validate,test,predict} --config recipe.yaml: train with a LightningCLI recipe (below)."
 )
 
@@ -69,10 +70,10 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 def main() -> None:
     """Entry point of the ``lightning-peft`` console script: ``zoo ...`` or a LightningCLI subcommand."""
-    if sys.argv[1:2] == ["zoo"]:  # before anything imports Lightning
+    if sys.argv[1:2] in (["zoo"], ["export"]):  # before anything imports Lightning
         from lightning_peft.zoo.cli import main as zoo_main
 
-        sys.exit(zoo_main(sys.argv[2:]))
+        sys.exit(zoo_main(sys.argv[2:] if sys.argv[1] == "zoo" else sys.argv[1:]))  # export == zoo export
     if sys.argv[1:2] in (["-h"], ["--help"]):
         print(ZOO_HELP)
     build_cli()

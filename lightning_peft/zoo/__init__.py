@@ -66,6 +66,7 @@ __all__ = [
     "download",
     "fingerprint",
     "load",
+    "load_folder",
     "publish",
     "resolve_zoo",
     "search",
@@ -218,7 +219,16 @@ def load(
         AdapterMismatchError: the adapter's tensors do not fit the model; the model is left as it was.
         EntryError: a file is missing, corrupt or a pickle.
     """
-    folder = download(name, revision, zoo=zoo)
+    return load_folder(model, download(name, revision, zoo=zoo), allow_base_mismatch=allow_base_mismatch)
+
+
+def load_folder(model: nn.Module, folder: str | os.PathLike, *, allow_base_mismatch: bool = False) -> dict[str, Any]:
+    """:func:`load` from an entry folder already on disk: verify its files, check the base, load. Returns the manifest.
+
+    Raises:
+        EntryError: not an entry folder, or a file is missing, corrupt or a pickle.
+        FingerprintMismatchError: the model is not the base the adapter was trained on (checked before any write).
+    """
     manifest = verify_files(folder, read_manifest(folder))
     modules_to_save = list(read_adapter_config(folder).get("modules_to_save") or [])
     if not allow_base_mismatch:

@@ -1,4 +1,4 @@
-"""``lightning-peft zoo list | search | info | download | push | rm``: the zoo from the command line.
+"""``lightning-peft zoo list | search | info | download | export | push | rm``: the zoo from the command line.
 
 Local entries by default; ``--hub`` (with ``--namespace`` / ``--endpoint`` / ``--timeout``) works on
 the Hub. Tables are drawn with rich; Hub downloads show huggingface_hub's progress bars. Every error
@@ -96,6 +96,13 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--revision")
     sub.choices["download"].add_argument("--to", help="copy the entry into this folder")
     sub.choices["rm"].add_argument("--yes", action="store_true", help="do not ask")
+    p = sub.add_parser("export", parents=[common], help="merge an entry (or a result folder) into its base model")
+    p.add_argument("name", help="a zoo entry name, an entry folder or a callback's save_dir")
+    p.add_argument("--revision")
+    p.add_argument("--base", required=True, help="the base model: a local model folder, a Hub id or timm:NAME")
+    p.add_argument("--out", required=True, help="a new folder for the merged model")
+    p.add_argument("--format", default="auto", choices=["auto", "transformers", "diffusers", "timm", "safetensors"])
+    p.add_argument("--allow-base-mismatch", action="store_true", help="skip the base fingerprint check")
     p = sub.add_parser("push", parents=[common], help="publish an entry folder (one built by ZooPublisher/build_entry)")
     p.add_argument("folder")
     p.add_argument("name")
@@ -136,6 +143,19 @@ def _run(args: argparse.Namespace) -> int:
             raise NotADirectoryError(f"--to {args.to} exists and is a file: pass a folder (new or existing)")
         path = zoo.download(args.name, args.revision)
         print(_copy_to(path, args.to) if args.to else path)
+    elif args.command == "export":
+        from lightning_peft.exporting import export
+
+        out = export(
+            args.name,
+            args.out,
+            base=args.base,
+            revision=args.revision,
+            zoo=zoo,
+            format=args.format,
+            allow_base_mismatch=args.allow_base_mismatch,
+        )
+        print(f"exported to {out}")
     elif args.command == "push":
         revision = zoo.publish(args.folder, args.name)
         print(f"published {args.name} revision {revision}")

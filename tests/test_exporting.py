@@ -1,0 +1,130 @@
+"""Export: every method's result merged into its base and written in the family's own format, read back by the
+family's loader in a process that cannot import lightning_peft, with the lightning-peft model's outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from export_helpers import METHODS, make_result, read_back
+from tiny_models import example_inputs, forward, tiny_dit, tiny_llama, tiny_mlp, tiny_unet
+
+import lightning_peft
+from lightning_peft.zoo import FingerprintMismatchError
+
+
+def _tiny_timm_vit(seed: int = 0) -> torch.nn.Module:
+    """The tiny ViT of tiny_models, made by timm.create_model (so it has the pretrained_cfg timm rebuilds from)."""
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return timm.create_model(
+            "vit_tiny_patch16_224",
+            img_size=8,
+            patch_size=2,
+            in_chans=1,
+            num_classes=10,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            mlp_ratio=2,
+        )
+
+
+def test_every_method_exports_to_transformers(tmp_path) -> None:
+    jobs, expected = [], []
+    for method in METHODS:
+        trained = make_result(method, tiny_llama(seed=0), tmp_path / method).eval()
+        with torch.no_grad():
+            expected.append(forward("llama", trained))
+        out = lightning_peft.export(tmp_path / method, tmp_path / f"{method}-merged", base=tiny_llama(seed=0))
+        assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+        jobs.append(("transformers", out, example_inputs("llama", trained)))
+    for method, got, want in zip(METHODS, read_back(jobs, tmp_path), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m, method=method: f"{method}: {m}")
+
+
+def test_each_family_exports_to_its_own_format(tmp_path) -> None:
+    cases = [
+        ("vit", _tiny_timm_vit, "lora", "timm"),
+        ("unet", tiny_unet, "id3", "diffusers"),
+        ("dit", tiny_dit, "lisa", "diffusers"),
+    ]
+    jobs, expected = [], []
+    for family, factory, method, library in cases:
+        trained = make_result(method, factory(seed=0), tmp_path / family).eval()
+        with torch.no_grad():
+            expected.append(forward(family, trained))
+        out = lightning_peft.export(trained, tmp_path / f"{family}-merged")  # from the trained model itself
+        inputs = example_inputs(family, trained)
+        jobs.append((library, out, inputs))
+    for (family, *_), got, want in zip(cases, read_back(jobs, tmp_path), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m, family=family: f"{family}: {m}")
+
+
+def test_a_plain_module_exports_its_state_dict(tmp_path) -> None:
+    from safetensors.torch import load_model
+
+    trained = make_result("sara", tiny_mlp(seed=0), tmp_path / "entry").eval()
+    out = lightning_peft.export(tmp_path / "entry", tmp_path / "merged", base=tiny_mlp(seed=0))
+    fresh = tiny_mlp(seed=3).eval()
+    load_model(fresh, str(out / "model.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(forward("mlp", fresh), forward("mlp", trained), atol=1e-5, rtol=1e-5)
+
+
+def test_another_base_is_refused_before_anything_is_written(tmp_path) -> None:
+    make_result("lora", tiny_llama(seed=0), tmp_path / "entry")
+    with pytest.raises(FingerprintMismatchError, match="not the base model"):
+        lightning_peft.export(tmp_path / "entry", tmp_path / "out", base=tiny_llama(seed=1))
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]  # no staging folder left behind
+
+
+def test_export_refuses_what_it_cannot_write(tmp_path) -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        lightning_peft.export(tiny_mlp(), tmp_path / "full")
+    with pytest.raises(ValueError, match="not made by timm.create_model"):
+        lightning_peft.export(
+            VisionTransformer(img_size=8, patch_size=2, embed_dim=8, depth=1, num_heads=1), tmp_path / "vit"
+        )
+    with pytest.raises(ValueError, match="needs base="):
+        lightning_peft.export(tmp_path / "full", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+
+
+def _cli(monkeypatch, *argv: object) -> int:
+    """Run the ``lightning-peft`` console script with ``argv``; its exit code."""
+    from lightning_peft.cli import main
+
+    monkeypatch.setattr("sys.argv", ["lightning-peft", *map(str, argv)])
+    with pytest.raises(SystemExit) as code:
+        main()
+    return int(code.value.code or 0)
+
+
+def test_cli_export_from_a_folder_and_from_the_zoo(tmp_path, monkeypatch, capsys) -> None:
+    from transformers import LlamaForCausalLM
+
+    from lightning_peft.zoo import LocalZoo
+
+    trained = make_result("adalora", tiny_llama(seed=0), tmp_path / "entry").eval()
+    tiny_llama(seed=0).save_pretrained(tmp_path / "base")
+    base = ("--base", tmp_path / "base")
+    assert _cli(monkeypatch, "export", tmp_path / "entry", *base, "--out", tmp_path / "a") == 0, capsys.readouterr()
+    LocalZoo(tmp_path / "zoo").publish(tmp_path / "entry", "tiny-adalora")
+    zoo = ("--root", tmp_path / "zoo")
+    assert _cli(monkeypatch, "zoo", "export", "tiny-adalora", *zoo, *base, "--out", tmp_path / "b") == 0
+    with torch.no_grad():
+        want = forward("llama", trained)
+        for out in ("a", "b"):
+            got = forward("llama", LlamaForCausalLM.from_pretrained(tmp_path / out).eval())
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    capsys.readouterr()
+    assert _cli(monkeypatch, "export", tmp_path / "entry", "--base", tmp_path / "a", "--out", tmp_path / "c") == 2
+    assert "not the base model" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
