@@ -53,8 +53,8 @@ from lightning_peft.fileio import staged_dir
 
 __all__ = ["FORMATS", "export", "load_base", "merged_model", "native_format", "save_native"]
 
-Format = Literal["auto", "transformers", "diffusers", "timm", "safetensors"]
-FORMATS: tuple[str, ...] = ("auto", "transformers", "diffusers", "timm", "safetensors")
+Format = Literal["auto", "transformers", "diffusers", "timm", "safetensors", "diffusers-lora"]
+FORMATS: tuple[str, ...] = ("auto", "transformers", "diffusers", "timm", "safetensors", "diffusers-lora")
 
 
 def export(
@@ -79,7 +79,8 @@ def export(
         revision: the zoo entry's revision.
         zoo: the zoo to read a name from (a ``LocalZoo``/``HubZoo``, ``"local"`` or ``"hub"``).
         format: ``"auto"`` (by the model's class), or one of ``transformers``, ``diffusers``, ``timm``,
-            ``safetensors`` (a plain state_dict, for any module).
+            ``safetensors`` (a plain state_dict, for any module); ``diffusers-lora`` writes a UNet's LoRA unmerged,
+            for a pipeline's ``load_lora_weights`` (:mod:`lightning_peft.adapters.diffusers_lora`).
         allow_base_mismatch: apply the result even if the base weights' fingerprint differs.
 
     Returns:
@@ -91,6 +92,10 @@ def export(
         ValueError: a saved result without ``base``, or a format the model cannot be written in.
     """
     target = _check_out_dir(out_dir)
+    if format == "diffusers-lora":
+        from lightning_peft.adapters.diffusers_lora import save_diffusers_lora
+
+        return save_diffusers_lora(_backbone(_with_result(source, base, revision, zoo, allow_base_mismatch)), target)
     model = merged_model(source, base, revision=revision, zoo=zoo, allow_base_mismatch=allow_base_mismatch)
     return save_native(model, target, format)
 
@@ -105,9 +110,23 @@ def merged_model(
 ) -> nn.Module:
     """The plain model with the result folded into its weights (arguments as :func:`export`)."""
     if isinstance(source, nn.Module):
+        _with_result(source, base, revision, zoo, allow_base_mismatch)
+        return _merge(copy.deepcopy(_backbone(source)))
+    return _merge(_with_result(source, base, revision, zoo, allow_base_mismatch))
+
+
+def _with_result(
+    source: nn.Module | str | os.PathLike,
+    base: nn.Module | str | os.PathLike | None,
+    revision: str | None,
+    zoo: Any,
+    allow_base_mismatch: bool,
+) -> nn.Module:
+    """``source`` itself (a trained model), or the base with the saved result loaded (adapters not merged)."""
+    if isinstance(source, nn.Module):
         if base is not None:
             raise ValueError("pass base= only with a saved result; a trained model already holds its base weights")
-        return _merge(copy.deepcopy(_backbone(source)))
+        return source
     if base is None:
         raise ValueError(
             f"exporting the saved result {str(source)!r} needs base=: the model it was trained on (a module, a local "
@@ -129,7 +148,7 @@ def merged_model(
         if not folder.is_dir():
             folder = zoo_api.download(str(source), revision, zoo=zoo)
         zoo_api.load_folder(model, folder, allow_base_mismatch=allow_base_mismatch)
-    return _merge(model)
+    return model
 
 
 def _backbone(model: nn.Module) -> nn.Module:
@@ -184,7 +203,7 @@ def save_native(model: nn.Module, out_dir: str | os.PathLike, format: Format = "
     """
     if any(True for _ in adapter_layers(model)) or any(True for _ in sparse_layers(model)):
         raise ValueError("save_native writes a plain model; merge the adapters first (merged_model / export)")
-    if format not in FORMATS:
+    if format not in FORMATS or format == "diffusers-lora":
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     chosen = native_format(model) if format == "auto" else format
     if chosen != "safetensors" and chosen != native_format(model):

@@ -101,7 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--revision")
     p.add_argument("--base", required=True, help="the base model: a local model folder, a Hub id or timm:NAME")
     p.add_argument("--out", required=True, help="a new folder for the merged model")
-    p.add_argument("--format", default="auto", choices=["auto", "transformers", "diffusers", "timm", "safetensors"])
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "transformers", "diffusers", "timm", "safetensors", "diffusers-lora"],
+    )
     p.add_argument("--allow-base-mismatch", action="store_true", help="skip the base fingerprint check")
     p = sub.add_parser("push", parents=[common], help="publish an entry folder (one built by ZooPublisher/build_entry)")
     p.add_argument("folder")
