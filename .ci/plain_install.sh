@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # A plain `pip install lightning-peft` (no extras) in a fresh venv: the zoo CLI and a timm fit must work.
-# An import of a package that is not a declared dependency fails here (issue #20 item 1).
+# An import of a package that is not a declared dependency fails here (issue #20 item 1), and a recipe that needs
+# an extra must say which one. Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+src=$PWD
 PYTHON=${PYTHON:-python3}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -14,6 +16,14 @@ $pip install .
 export HF_HUB_OFFLINE=1 LIGHTNING_PEFT_ZOO="$work/zoo"
 cd "$work"  # not the source tree: the installed package is what runs
 venv/bin/lightning-peft zoo list
+venv/bin/lightning-peft zoo search --method LoRA
+venv/bin/lightning-peft --help >"$work/help.txt"
+grep -q "lightning-peft zoo" "$work/help.txt" || { echo "lightning-peft --help does not name the zoo" >&2; exit 1; }
+# a transformers recipe without the [llm] extra: a failure that names the extra, not a bare ModuleNotFoundError
+if venv/bin/lightning-peft fit --config "$src/examples/llama_lisa.yaml" >"$work/llm.txt" 2>&1; then
+    echo "examples/llama_lisa.yaml ran without transformers installed?" >&2; exit 1
+fi
+grep -m1 'pip install "lightning-peft\[llm\]"' "$work/llm.txt" || { tail -20 "$work/llm.txt" >&2; exit 1; }
 venv/bin/python - <<'PY'
 import lightning.pytorch as pl
 import torch

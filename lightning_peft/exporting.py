@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from lightning_peft._deps import require
 from lightning_peft.adapters import adapter_layers, load_adapter, read_adapter_config, remove_adapters
 from lightning_peft.adapters.serialization import read_json
 from lightning_peft.adapters.sparse import remove_sparse, sparse_layers
@@ -269,8 +270,7 @@ def load_base(spec: str | os.PathLike) -> nn.Module:
 
         return timm.create_model(("local-dir:" if local.is_dir() else "hf-hub:") + spec, pretrained=True)
     if "architectures" in config or "model_type" in config:
-        import transformers
-
+        transformers = require("transformers", f"loading the transformers model {spec}")
         names = config.get("architectures") or ["AutoModel"]
         return getattr(transformers, names[0]).from_pretrained(spec)
     raise ValueError(f"{config_file} names no model library lightning-peft knows (diffusers, timm, transformers)")

@@ -24,12 +24,28 @@ def _name(requirement: str) -> str:
     return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
 
 
-def _imports() -> dict[str, list[tuple[str, bool]]]:
-    """``{top-level import name: [(file:line, at module level)]}`` of every non-stdlib import in the package."""
-    found: dict[str, list[tuple[str, bool]]] = {}
+def _guarded(node: ast.AST, parents: dict[int, ast.AST]) -> bool:
+    """Whether an import sits under ``if TYPE_CHECKING:`` or in the body of a ``try`` that handles ImportError."""
+    child, parent = node, parents.get(id(node))
+    while parent is not None:
+        if isinstance(parent, ast.If) and "TYPE_CHECKING" in ast.unparse(parent.test) and child in parent.body:
+            return True
+        if isinstance(parent, ast.Try) and child in parent.body:
+            caught = " ".join(ast.unparse(h.type) for h in parent.handlers if h.type is not None)
+            if re.search(r"\b(ImportError|ModuleNotFoundError|Exception)\b", caught):
+                return True
+        child, parent = parent, parents.get(id(parent))
+    return False
+
+
+def _imports() -> dict[str, list[tuple[str, bool, bool]]]:
+    """``{top-level import name: [(file:line, at module level, guarded)]}`` of every non-stdlib import in the package
+    (guarded: under ``TYPE_CHECKING`` or in a ``try`` that handles ImportError)."""
+    found: dict[str, list[tuple[str, bool, bool]]] = {}
     for path in sorted((ROOT / "lightning_peft").rglob("*.py")):
         tree = ast.parse(path.read_text())
         top_level = {id(node) for node in tree.body}
+        parents = {id(child): node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -42,7 +58,7 @@ def _imports() -> dict[str, list[tuple[str, bool]]]:
                 if top in sys.stdlib_module_names or top == "lightning_peft":
                     continue
                 where = f"{path.relative_to(ROOT)}:{node.lineno}"
-                found.setdefault(top, []).append((where, id(node) in top_level))
+                found.setdefault(top, []).append((where, id(node) in top_level, _guarded(node, parents)))
     return found
 
 
@@ -61,9 +77,12 @@ def test_every_import_is_declared_or_optional_and_lazy() -> None:
         extra, _ = OPTIONAL[top]
         if dist not in extras.get(extra, set()):
             problems.append(f"{top}: lightning_peft._deps says extra [{extra}], which does not list {dist}")
-        eager = [where for where, module_level in places if module_level]
+        eager = [where for where, module_level, guarded in places if module_level and not guarded]
         if eager:
             problems.append(f"{top} is optional but imported at module level at {eager[0]}")
+        bare = [where for where, module_level, guarded in places if not module_level and not guarded]
+        if bare:  # a bare ModuleNotFoundError deep in a traceback: say which extra installs it instead
+            problems.append(f"{top} is optional; import it with lightning_peft._deps.require at {bare[0]}")
     assert not problems, "\n".join(problems)
 
 

