@@ -1,6 +1,6 @@
 # Two commands on a fresh machine (Python >= 3.10; the venv is created on first use):
 #   make quickstart   fine-tune a ViT on scikit-learn's digits with AdaLoRA (offline, CPU, well under 2 minutes)
-#   make test         the whole test suite (the same command CI runs)
+#   make test         the whole test suite (CI, .ci/run, runs it and then .ci/plain_install.sh)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
