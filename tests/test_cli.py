@@ -100,6 +100,14 @@ def test_quickstart_runs_with_interpolated_paths(monkeypatch, tmp_path, caplog) 
         assert any(line_pattern(line).search(p) for p in printed), f"README quotes {line!r}; the run printed {printed}"
 
 
+def test_the_readmes_list_every_example_recipe() -> None:
+    recipes = sorted(p.name for p in (ROOT / "examples").glob("*.yaml"))
+    listing = (ROOT / "examples" / "README.md").read_text()
+    assert [r for r in recipes if f"]({r})" not in listing] == []  # each one linked from examples/README.md
+    layout = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("examples/ "))
+    assert f"({len(recipes)};" in layout, f"README's layout says {layout!r}; there are {len(recipes)} recipes"
+
+
 def test_console_script_help() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(
