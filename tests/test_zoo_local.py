@@ -200,6 +200,17 @@ def test_search_finds_what_a_user_types(local) -> None:
     assert found(method="lisa") == found(base_model="mistral") == found("nothing-like-this") == []
 
 
+def test_cli_search_finds_what_a_user_types(local, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    model, config = trained()
+    zoo.publish(model, "llama-qv", config, zoo=local, base_model="org/tiny-llama-v1")
+    root = ["--root", str(local.root)]
+    assert zoo_cli(["search", "--method", "LoRA", "--base-model", "tiny", *root]) == 0
+    assert "llama-qv" in capsys.readouterr().out
+    assert zoo_cli(["search", "TINY-LLAMA", *root]) == 0 and "llama-qv" in capsys.readouterr().out
+    assert zoo_cli(["search", "--method", "LISA", *root]) == 0 and "llama-qv" not in capsys.readouterr().out
+
+
 def test_cli_list_search_info_download_rm(local, tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("COLUMNS", "200")
     model, config = trained()

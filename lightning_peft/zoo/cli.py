@@ -81,10 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", parents=[common], help="list entries")
-    p = sub.add_parser("search", parents=[common], help="search entries by name, method, base model")
-    p.add_argument("query", nargs="?")
-    p.add_argument("--method")
-    p.add_argument("--base-model")
+    p = sub.add_parser(
+        "search", parents=[common], help="search entries (case-insensitive; the same locally and on the Hub)"
+    )
+    p.add_argument("query", nargs="?", help="a substring of the name, method, base model or a tag")
+    p.add_argument("--method", help="lora, adalora, lisa, id3 or sara, in any case")
+    p.add_argument("--base-model", help="a substring of the base model's id")
     for name, text in (
         ("info", "show an entry's manifest"),
         ("download", "fetch an entry (verified)"),
