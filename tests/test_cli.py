@@ -84,6 +84,9 @@ def test_quickstart_runs_with_interpolated_paths(monkeypatch, tmp_path, caplog) 
     assert lora.save_dir == "runs/quickstart/adapter"
     assert (tmp_path / "runs/quickstart/adapter/adapter_model.safetensors").is_file()
     assert (tmp_path / "runs/quickstart/adapter/adalora_ranks.png").is_file()
+    # the save_dir is a zoo entry too, with the recipe that produced it (zoo push publishes it)
+    assert "tinit: 0" in (tmp_path / "runs/quickstart/adapter/config.yaml").read_text()
+    assert (tmp_path / "runs/quickstart/adapter/lightning_peft.json").is_file()
     assert cli.trainer.global_step == 2 and "val_acc" in cli.trainer.callback_metrics
     # ... and published it to the local zoo, with the recipe, the picture and the metrics
     from lightning_peft.zoo import LocalZoo

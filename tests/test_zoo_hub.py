@@ -111,11 +111,17 @@ def test_zoo_publisher_to_the_hub_and_the_cli(hub, tmp_path, monkeypatch, capsys
     module = FamilyModule("vit", n_batches=2)
     publisher = ZooPublisher(name="vit-lora", zoo="hub", namespace=hub.user, endpoint=hub.url, base_model="tiny-vit")
     monkeypatch.setenv("HF_TOKEN", hub.token)
-    quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[LoRA(r=2), publisher]).fit(module)
+    lora = LoRA(r=2, save_dir=str(tmp_path / "adapter"))
+    quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[lora, publisher]).fit(module)
     assert publisher.revision and len(publisher.revision) == 40
     monkeypatch.setenv("COLUMNS", "200")
     args = ["--hub", "--namespace", hub.user, "--endpoint", hub.url]
     assert zoo_cli(["list", *args]) == 0
     assert f"{hub.user}/vit-lora" in capsys.readouterr().out
+    # a callback's save_dir, pushed as it is: it gets a model card, so the Hub lists and finds it by its tags
+    assert zoo_cli(["push", str(tmp_path / "adapter"), "vit-save-dir", "--base-model", "org/tiny-vit", *args]) == 0
+    assert zoo_cli(["search", "--method", "LoRA", "--base-model", "TINY", *args]) == 0
+    assert f"{hub.user}/vit-save-dir" in capsys.readouterr().out
+    assert zoo_cli(["rm", "vit-save-dir", "--yes", *args]) == 0
     assert zoo_cli(["rm", "vit-lora", "--yes", *args]) == 0
     assert zoo_cli(["list", *args]) == 0 and "no entries" in capsys.readouterr().out

@@ -246,7 +246,13 @@ def test_a_callbacks_save_dir_is_an_entry_that_zoo_push_publishes(method: str, l
     module = FamilyModule("llama", n_batches=2)
     quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[cb]).fit(module)
     assert (save_dir / "lightning_peft.json").is_file()
-    assert zoo_cli(["push", str(save_dir), "from-save-dir", "--root", str(local.root)]) == 0
+    before = {p.name: p.read_bytes() for p in save_dir.iterdir()}
+    push = ["push", str(save_dir), "from-save-dir", "--root", str(local.root), "--base-model", "org/tiny-llama"]
+    assert zoo_cli(push) == 0
     (entry,) = local.list()
-    assert entry.name == "from-save-dir" and entry.method == method
+    assert entry.name == "from-save-dir" and entry.method == method and entry.base_model == "org/tiny-llama"
+    assert [e.name for e in zoo.search(base_model="tiny", method=method.upper(), zoo=local)] == ["from-save-dir"]
+    card = (zoo.download("from-save-dir", zoo=local) / "README.md").read_text()  # a card, made from the manifest
+    assert "# from-save-dir" in card and "base_model: org/tiny-llama" in card and f"- {method}" in card
+    assert {p.name: p.read_bytes() for p in save_dir.iterdir()} == before  # the save_dir itself is left as it was
     zoo.load(FamilyModule("llama", n_batches=2).model, "from-save-dir", zoo=local)  # the base fingerprint matches

@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from lightning_peft.callbacks.backbone import resolve_backbone
 
-__all__ = ["MethodCallback", "restorer"]
+__all__ = ["MethodCallback", "cli_recipe", "restorer"]
 
 #: attribute of a backbone a method callback set up: ``{"settings": {"method": ..., ...}, "kept": {...}}``
 SETUP_ATTR = "_lightning_peft_setup"
@@ -55,13 +55,25 @@ def log_picture(logger: Any, key: str, path: Path, step: int) -> bool:
     return False
 
 
+def cli_recipe(trainer: pl.Trainer) -> str | None:
+    """The LightningCLI config of this run as YAML (the ``config.yaml`` of a zoo entry), or None outside the CLI."""
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(cb, SaveConfigCallback):
+            return str(cb.parser.dump(cb.config, skip_none=False))
+    return None
+
+
 class MethodCallback(Callback):
     """Base of the method callbacks (``LoRA``, ``AdaLoRA``, ``LISA``, ``ID3``, ``SaRA``).
 
     A subclass sets ``method`` and ``backbone`` and implements :meth:`save`,
     :meth:`hyperparameters` and :meth:`base_fingerprint`. It inherits ``on_fit_end``: when
     ``save_dir`` is set the result is saved there (every rank gathers, rank 0 writes) with the
-    method's pictures, which are also logged where a logger takes images.
+    method's pictures (also logged to TensorBoard and loggers with ``log_image``), the LightningCLI
+    ``config.yaml`` when the run came from the CLI, and a zoo manifest: the folder is a zoo entry
+    that ``lightning-peft zoo push`` publishes.
 
     A module is set up once per configuration: a callback that finds its method's layers from an
     earlier fit reuses them only when they were set up with identical settings
@@ -191,6 +203,9 @@ class MethodCallback(Callback):
         from lightning_peft.distributed import unwrapped_class
         from lightning_peft.zoo.entry import write_manifest
 
+        recipe = cli_recipe(trainer)
+        if recipe:
+            (self.saved_to / "config.yaml").write_text(recipe)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
         write_manifest(
             self.saved_to,

@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from lightning_peft import distributed
 from lightning_peft.callbacks.backbone import resolve_backbone
-from lightning_peft.callbacks.base import MethodCallback
+from lightning_peft.callbacks.base import MethodCallback, cli_recipe
 from lightning_peft.callbacks.lora import LoRA
 from lightning_peft.fileio import check_writable, storage_error
 from lightning_peft.zoo import HubError, HubZoo, LocalZoo, PublishError, build_entry, validate_name, validate_repo_id
@@ -129,14 +129,6 @@ class ZooPublisher(Callback):
         if problem is not None:
             raise problem
 
-    def _recipe(self, trainer: pl.Trainer) -> str | None:
-        from lightning.pytorch.cli import SaveConfigCallback
-
-        for cb in trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(cb, SaveConfigCallback):
-                return cb.parser.dump(cb.config, skip_none=False)
-        return None
-
     def _fresh_folder(self, trainer: pl.Trainer) -> str:
         """``<entries>/<name>``, or ``<name>-2``… when an earlier run's entry is still kept there."""
         base = self._entries(trainer) / self.name.replace("/", "--")
@@ -223,7 +215,7 @@ class ZooPublisher(Callback):
             self.name,
             base_model=self.base_model,
             metrics=metrics,
-            recipe=self._recipe(trainer),
+            recipe=cli_recipe(trainer),
             adapter_written=True,
             base_fingerprint=base,
             pictures=None,

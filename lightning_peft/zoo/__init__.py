@@ -68,6 +68,7 @@ __all__ = [
     "load",
     "load_folder",
     "publish",
+    "publish_folder",
     "resolve_zoo",
     "search",
     "validate_name",
@@ -178,6 +179,55 @@ def publish(
         validate_repo_id(name)
     with tempfile.TemporaryDirectory(prefix="lightning-peft-entry-") as tmp:
         build_entry(tmp, model, config, name, base_model, metrics, recipe, pictures)
+        return target.publish(tmp, name)
+
+
+def publish_folder(
+    folder: str | os.PathLike, name: str, *, zoo: Zoo | str | None = None, base_model: str | None = None
+) -> str:
+    """Publish an entry folder as it is: one :class:`ZooPublisher` or :func:`build_entry` wrote, or a method callback's
+    ``save_dir`` (what ``lightning-peft zoo push FOLDER NAME`` does). Returns the new revision.
+
+    A folder without a model card (a ``save_dir``) gets one from its manifest, as :func:`build_entry` writes it: the
+    Hub lists and searches entries by the card's tags, so a card-less push would be invisible there. ``base_model``
+    (a Hub id, a path) names the base in the manifest and the card (a ``save_dir`` only has its fingerprint); the
+    folder itself is never changed, the card and manifest are written into a temporary copy.
+
+    Raises:
+        EntryError: not an entry folder (no ``lightning_peft.json``), or a file differs from its manifest.
+    """
+    folder = Path(folder)
+    target = resolve_zoo(name, zoo)
+    manifest = verify_files(folder)
+    base = manifest.get("base_model") or {}
+    if (folder / "README.md").is_file() and base_model in (None, base.get("name")):
+        return target.publish(folder, name)
+    with tempfile.TemporaryDirectory(prefix="lightning-peft-entry-") as tmp:
+        for rel in manifest["files"]:
+            (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / rel).write_bytes((folder / rel).read_bytes())
+        (Path(tmp) / "README.md").unlink(missing_ok=True)  # rewritten below, with the base model named
+        base_model = base_model or base.get("name")
+        pictures = sorted(rel for rel in manifest["files"] if rel.endswith(".png") and "/" not in rel)
+        fields = {k: manifest.get(k) or {} for k in ("hyperparameters", "metrics", "schedule")}
+        write_card(
+            Path(tmp),
+            name,
+            manifest["method"],
+            base_model,
+            fields["metrics"],
+            fields["hyperparameters"],
+            pictures,
+            schedule=fields["schedule"],
+        )
+        write_manifest(
+            Path(tmp),
+            method=manifest["method"],
+            base_fingerprint=base["fingerprint"],
+            base_model=base_model,
+            base_class=base.get("class"),
+            **fields,
+        )
         return target.publish(tmp, name)
 
 

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from lightning_peft.fileio import staged_dir, storage_error
-from lightning_peft.zoo import EntryInfo, HubZoo, LocalZoo
+from lightning_peft.zoo import EntryInfo, HubZoo, LocalZoo, publish_folder
 
 __all__ = ["main"]
 
@@ -109,9 +109,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=["auto", "transformers", "diffusers", "timm", "safetensors", "diffusers-lora"],
     )
     p.add_argument("--allow-base-mismatch", action="store_true", help="skip the base fingerprint check")
-    p = sub.add_parser("push", parents=[common], help="publish an entry folder (one built by ZooPublisher/build_entry)")
+    p = sub.add_parser(
+        "push", parents=[common], help="publish an entry folder: ZooPublisher's, build_entry's or a callback's save_dir"
+    )
     p.add_argument("folder")
     p.add_argument("name")
+    p.add_argument("--base-model", help="name the base model (a Hub id, a path) in the card and manifest")
     return parser
 
 
@@ -163,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(f"exported to {out}")
     elif args.command == "push":
-        revision = zoo.publish(args.folder, args.name)
+        revision = publish_folder(args.folder, args.name, zoo=zoo, base_model=args.base_model)
         print(f"published {args.name} revision {revision}")
     elif args.command == "rm":
         if not args.yes:
