@@ -497,7 +497,7 @@ class StopAt(Callback):
 def test_a_run_stopped_before_the_schedule_ends_says_so(tmp_path) -> None:
     from lightning_peft import ZooPublisher, zoo
 
-    callback = AdaLoRA(r=4, target_r=2, tinit=1, tfinal=2, deltaT=1)
+    callback = AdaLoRA(r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, save_dir=str(tmp_path / "adapter"))
     publisher = ZooPublisher(name="stopped", root=str(tmp_path / "zoo"), base_model="tiny-vit")
     trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[callback, publisher, StopAt(3)])
     with pytest.warns(UserWarning, match="stopped at step 3 of the 8 its schedule planned"):
@@ -507,6 +507,11 @@ def test_a_run_stopped_before_the_schedule_ends_says_so(tmp_path) -> None:
     assert schedule["finished"] is False and (schedule["stopped_at"], schedule["planned_steps"]) == (3, 8)
     card = (folder / "README.md").read_text()
     assert "stopped before the adalora schedule finished" in card and "step 3 of 8" in card
+    # the save_dir's manifest says so too, and so does the card a push of it gets
+    assert json.loads((tmp_path / "adapter" / "lightning_peft.json").read_text())["schedule"]["finished"] is False
+    zoo.publish_folder(tmp_path / "adapter", "stopped-save-dir", zoo=zoo.LocalZoo(tmp_path / "zoo"))
+    pushed = zoo.download("stopped-save-dir", zoo=zoo.LocalZoo(tmp_path / "zoo")) / "README.md"
+    assert "stopped before the adalora schedule finished" in pushed.read_text()
     # a run that ends its schedule says it finished
     done = AdaLoRA(r=4, target_r=2, tinit=1, tfinal=1, total_step=3)
     quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[done]).fit(FamilyModule("vit", n_batches=3))
