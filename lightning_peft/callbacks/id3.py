@@ -78,7 +78,7 @@ class ID3(SparseMethod):
         modules_to_save: backbone modules trained in full (a new head).
         backbone: dotted path of the backbone inside the ``LightningModule``; default detected.
         save_dir: folder for the deltas (sparse format) and ``id3_density.png`` at the end of fit.
-        log_every: log each layer's density every this many optimizer steps (the overall density every step).
+        log_every: log each layer's density every this many optimizer steps (the overall one: ``log_every_n_steps``).
 
     Raises:
         ValueError: a budget <= 0, a fraction outside (0, 1), a budget larger than the targeted entries,
