@@ -44,3 +44,27 @@ def test_sara_figures_follow_the_logging_interval_in_a_csv_logger(tmp_path) -> N
     col, step = header.index("sara/density"), header.index("step")
     logged = [int(r.split(",")[step]) for r in rows[1:] if r.split(",")[col]]
     assert logged and len(logged) <= 4 and logged[:3] == [1, 3, 5]  # every 2nd optimizer step (and the end)
+
+
+def test_pictures_go_to_log_image_loggers_and_not_to_loggers_without_images(tmp_path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lightning_peft.callbacks.base import log_picture
+
+    png = tmp_path / "p.png"
+    plt.figure(figsize=(1, 1)).savefig(png)
+    plt.close("all")
+
+    class WandbStyle:  # WandbLogger.log_image(key, images, step=None)
+        def __init__(self) -> None:
+            self.calls: list = []
+
+        def log_image(self, key, images, **kwargs) -> None:
+            self.calls.append((key, images))
+
+    logger = WandbStyle()
+    assert log_picture(logger, "adalora/ranks", png, step=3) and logger.calls == [("adalora/ranks", [str(png)])]
+    assert not log_picture(CSVLogger(str(tmp_path)), "adalora/ranks", png, step=3)  # takes no images: skipped
