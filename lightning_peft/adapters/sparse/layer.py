@@ -424,6 +424,13 @@ class SparseDeltaLayer(nn.Module):
         at = torch.searchsorted(ordered, wanted.to(ordered.dtype)).clamp_(max=indices.numel() - 1)
         return ordered[at] == wanted, order[at]
 
+    def _lookup(self, name: str, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(selected before, position in the buffers, active now)`` of each flat index (position junk where new)."""
+        found, pos = self._locate(name, flat)
+        active = found.clone()
+        active[found] = self._buf(name, "slots")[pos[found]] >= 0
+        return found, pos, active
+
     def _validate(self, name: str, flat: torch.Tensor, what: str) -> torch.Tensor:
         self._check_name(name)
         weight = self._weight(name)
@@ -468,10 +475,8 @@ class SparseDeltaLayer(nn.Module):
         flat = self._validate(name, indices, what)
         if flat.numel() == 0:
             return torch.empty(0, dtype=torch.long, device=flat.device)
-        found, pos = self._locate(name, flat)
+        found, pos, already = self._lookup(name, flat)
         slots_buf = self._buf(name, "slots")
-        already = found.clone()
-        already[found] = slots_buf[pos[found]] >= 0
         if bool(already.any()):
             raise ValueError(f"{what}: {int(already.sum())} entries are already active, e.g. {_sample(flat[already])}")
         slots = self.bank.allocate(flat.numel())  # raises, changing nothing, when the bank is full
@@ -516,10 +521,9 @@ class SparseDeltaLayer(nn.Module):
         flat = self._validate(name, indices, what)
         if flat.numel() == 0:
             return torch.empty(0, dtype=torch.long, device=flat.device)
-        found, pos = self._locate(name, flat)
+        _, pos, active = self._lookup(name, flat)
         slots_buf = self._buf(name, "slots")
-        inactive = ~found
-        inactive[found] = slots_buf[pos[found]] < 0
+        inactive = ~active
         if bool(inactive.any()):
             raise ValueError(f"{what}: {int(inactive.sum())} entries are not active, e.g. {_sample(flat[inactive])}")
         slots = slots_buf[pos].long()
