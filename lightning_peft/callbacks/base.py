@@ -85,6 +85,8 @@ class MethodCallback(Callback):
     backbone: str | None = None
     save_dir: str | None = None
     saved_to: Path | None = None
+    #: the base fingerprint ``on_fit_end`` computed for the saved result (None without ``save_dir``), for the zoo
+    fit_fingerprint: dict[str, Any] | None = None
     _undo: Callable[[], None] | None = None  # puts the module back as this fit found it, until training starts
 
     # ----------------------------------------------------------------------------------------- one setup per module
@@ -189,11 +191,12 @@ class MethodCallback(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._undo = None
+        self.fit_fingerprint = None
         if self.save_dir is None:
             return
         root, _, _ = resolve_backbone(pl_module, self.backbone)
         self.saved_to = self.save(root, self.save_dir)
-        base = self.base_fingerprint(root)  # on every rank (a collective under sharding)
+        base = self.fit_fingerprint = self.base_fingerprint(root)  # every rank (a collective under sharding)
         if self.saved_to is None:  # not rank 0
             return
         for picture in self.write_pictures(self.saved_to):

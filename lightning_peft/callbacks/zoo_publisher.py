@@ -142,7 +142,9 @@ class ZooPublisher(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         method = self._method(trainer)
         root, _, _ = resolve_backbone(pl_module, method.backbone)
-        base = method.base_fingerprint(root)  # on every rank: sharded weights gather
+        base = method.fit_fingerprint  # the method callback's on_fit_end (it runs first) read every base tensor
+        if base is None:
+            base = method.base_fingerprint(root)  # on every rank: sharded weights gather
         final = Path(str(distributed.broadcast_object(distributed.rank_zero_only(self._fresh_folder)(trainer))))
         stage = final.with_name(f".{final.name}.partial")
         written: Path | None = None
