@@ -38,6 +38,7 @@ __all__ = [
     "replicated_params",
     "shard",
     "seeded_generator",
+    "shutdown",
     "stable_seed",
     "unwrapped_class",
 ]
@@ -75,6 +76,18 @@ def barrier() -> None:
     """Wait for every rank (no-op on one process)."""
     if is_distributed():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Destroy the process groups a finished multi-process run left behind (no-op on one process).
+
+    torch asks every program to call ``destroy_process_group`` before it exits; without it, gloo's worker
+    threads can still be alive while the interpreter finalises and abort the process (``terminate called
+    without an active exception``), so a fit that succeeded exits non-zero. Call it only after the run
+    succeeded: after an error, another rank may still wait in a collective and destroying would hang.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _backend_device() -> torch.device:

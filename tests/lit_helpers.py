@@ -86,7 +86,7 @@ def run_two_ranks(script: str, out, *args: str, timeout: int = 300) -> tuple[lis
         timeout=timeout,
         cwd=scripts.parents[1],
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n" + proc.stdout[-3000:] + proc.stderr[-5000:]
     out = Path(out)
     states = [
         load_file(out / f"rank{r}.safetensors") if (out / f"rank{r}.safetensors").exists() else {} for r in (0, 1)
@@ -106,3 +106,24 @@ def moved_key(key: str, callback) -> str:
 
 
 __all__ = ["FamilyModule", "SeedDataset", "example_inputs", "moved_key", "quiet_trainer", "run_two_ranks"]
+
+
+def end_ranks() -> None:
+    """End a multi-rank test script: meet the other ranks, destroy the process groups, exit without finalisation.
+
+    Each rank calls this last, after it wrote what the test reads. ``destroy_process_group`` alone did not
+    stop an intermittent ``terminate called without an active exception`` abort at interpreter exit (CI, once in
+    ~800 tests, torch 2.14.1 + gloo: worker threads still alive while the interpreter tears down, cf.
+    pytorch/pytorch#179291); ``os._exit`` skips that finalisation, so the exit code is the script's own.
+    """
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -37,6 +37,19 @@ def test_seeded_generator_is_stable_and_leaves_global_rng_alone() -> None:
     assert distributed.stable_seed(0, 0) == 7905728728188956330 != distributed.stable_seed(0, 1)
 
 
+def test_shutdown_destroys_a_process_group_and_is_a_no_op_without_one() -> None:
+    distributed.shutdown()  # nothing to destroy
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        distributed.shutdown()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

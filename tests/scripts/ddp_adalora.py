@@ -21,9 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
-from lit_helpers import FamilyModule, quiet_trainer  # noqa: E402
+from lit_helpers import FamilyModule, end_ranks, quiet_trainer  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from lightning_peft import AdaLoRA  # noqa: E402
@@ -72,8 +71,7 @@ def main() -> None:
     ]
     trainer = quiet_trainer(strategy="ddp", devices=2, max_epochs=1, limit_val_batches=0, callbacks=callbacks)
     trainer.fit(module)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_ranks()
 
 
 if __name__ == "__main__":

@@ -18,9 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
-from lit_helpers import FamilyModule, quiet_trainer  # noqa: E402
+from lit_helpers import FamilyModule, end_ranks, quiet_trainer  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from lightning_peft import LISA  # noqa: E402
@@ -74,8 +73,7 @@ def main() -> None:
         trainer.fit(module)
     except (NotImplementedError, RuntimeError) as err:
         (out / f"error{rank}.txt").write_text(str(err))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_ranks()
 
 
 if __name__ == "__main__":

@@ -26,9 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
-from lit_helpers import FamilyModule, quiet_trainer  # noqa: E402
+from lit_helpers import FamilyModule, end_ranks, quiet_trainer  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -124,9 +123,7 @@ def main() -> None:
         states.update(state)
     save_file(states, str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps(logs))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    end_ranks()
 
 
 if __name__ == "__main__":

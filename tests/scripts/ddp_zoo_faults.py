@@ -17,9 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch.distributed as dist  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
-from lit_helpers import FamilyModule, quiet_trainer  # noqa: E402
+from lit_helpers import FamilyModule, end_ranks, quiet_trainer  # noqa: E402
 
 from lightning_peft import LoRA, ZooPublisher  # noqa: E402
 
@@ -61,8 +60,7 @@ def main() -> None:
     except Exception as err:  # noqa: BLE001 - what the test compares
         got = {"error": type(err).__name__, "message": str(err), "step": trainer.global_step}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(got))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_ranks()
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
-from lit_helpers import FamilyModule, SeedDataset, quiet_trainer  # noqa: E402
+from lit_helpers import FamilyModule, SeedDataset, end_ranks, quiet_trainer  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tiny_models import forward  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -137,9 +137,7 @@ def main() -> None:
         kwargs["enable_checkpointing"] = True
     trainer = quiet_trainer(callbacks=callbacks, **kwargs)
     trainer.fit(module, ckpt_path=str(out / "ckpt.ckpt") if mode == "resume" else None)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    end_ranks()
 
 
 if __name__ == "__main__":

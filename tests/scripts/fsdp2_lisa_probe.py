@@ -26,12 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 import torch.distributed.fsdp._fully_shard._fsdp_param_group as fsdp_param_group  # noqa: E402
 from fsdp2_fit import EPOCHS, Module  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
-from lit_helpers import quiet_trainer  # noqa: E402
+from lit_helpers import end_ranks, quiet_trainer  # noqa: E402
 
 import lightning_peft  # noqa: E402
 
@@ -147,9 +146,7 @@ def main() -> None:
         if variant not in ("unsharded", "unequal", "fullckpt"):
             raise
         (out / f"rank{rank}.json").write_text(json.dumps({"error": f"{type(err).__name__}: {err}"}))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    end_ranks()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
-from lit_helpers import FamilyModule, quiet_trainer  # noqa: E402
+from lit_helpers import FamilyModule, end_ranks, quiet_trainer  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tiny_models import forward  # noqa: E402
 
@@ -115,8 +115,7 @@ def main() -> None:
     record.info["backend"] = dist.get_backend()
     save_file({k: v.contiguous() for k, v in record.tensors.items()}, str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps(record.info))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_ranks()
 
 
 if __name__ == "__main__":
