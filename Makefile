@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (Python >= 3.10; the venv is created on first use):
-#   make quickstart   fine-tune a ViT on scikit-learn's digits with AdaLoRA (offline, CPU, well under 2 minutes)
+#   make quickstart   adapt pretrained MiniLM with AdaLoRA to a real-text task (offline, CPU, under 2 minutes)
 #   make test         the whole test suite (CI, .ci/run, runs it and then .ci/plain_install.sh)
 PYTHON ?= python3
 VENV ?= .venv

@@ -18,6 +18,22 @@ from typing import Any
 ENV = "LIGHTNING_PEFT_BENCH_SUMMARY"  # names the JSON-lines file run_all.py collects
 
 
+def quiet_cpu_trainer(**kwargs: Any) -> Any:
+    """A one-device CPU ``lightning.Trainer`` that writes and prints nothing of its own (no logger, checkpoints,
+    progress bar or model summary); ``kwargs`` add to or override that."""
+    import lightning.pytorch as pl
+
+    defaults = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
 def record(benchmark: str, metric: str, value: float, goal: str = "", met: bool | None = None) -> None:
     """Append one figure: ``value`` of ``metric`` in ``benchmark``, with its goal (e.g. ``"<= 0.5"``) if it has one."""
     path = os.environ.get(ENV)

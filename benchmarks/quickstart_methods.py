@@ -1,8 +1,9 @@
-"""The quickstart task (ViT on scikit-learn digits, CPU) with full fine-tuning, LoRA and AdaLoRA, in one run.
+"""The ViT-on-digits task (timm ViT on scikit-learn digits, CPU; the first quickstart) with full fine-tuning, LoRA
+and AdaLoRA, in one run.
 
-Not a test. Same model, data, seed, epochs and learning-rate per method as the recipes in
-`examples/` (full fine-tuning uses LoRA's 1e-3); prints validation accuracy, fit time, trainable
-parameters and the ratios against full fine-tuning.
+Not a test. Same model, data, seed, epochs and learning-rate per method as the recipes
+`examples/vit_digits_lora.yaml` and `examples/vit_digits_adalora.yaml` (full fine-tuning uses LoRA's 1e-3); prints
+validation accuracy, fit time, trainable parameters and the ratios against full fine-tuning.
 
     python benchmarks/quickstart_methods.py [--epochs 15] [--markdown out.md]
 """
@@ -20,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from common import quiet_cpu_trainer  # noqa: E402
 
 from lightning_peft import AdaLoRA, LoRA  # noqa: E402
 from lightning_peft.adapters import count_parameters  # noqa: E402
@@ -38,16 +40,7 @@ def run(method: str, epochs: int) -> dict:
         callbacks.append(AdaLoRA(r=12, target_r=8, alpha=16, tinit=50, tfinal=100, deltaT=10, modules_to_save=["head"]))
         lr = 3e-3
     module = ImageClassifier("vit_tiny_patch16_224", num_classes=10, model_kwargs=VIT, lr=lr)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
+    trainer = quiet_cpu_trainer(max_epochs=epochs, callbacks=callbacks)
     start = time.perf_counter()
     trainer.fit(module, DigitsDataModule())
     seconds = time.perf_counter() - start

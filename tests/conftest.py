@@ -5,8 +5,11 @@ the two cores of the CI machine: more threads than cores made the suite several 
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# data modules that cache what they build (DocstringWordOrderDataModule) cache it here, not in the user's home
+os.environ.setdefault("LIGHTNING_PEFT_DATA", tempfile.mkdtemp(prefix="lightning_peft_data_"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the DDP subprocesses
 
 import torch  # noqa: E402

@@ -66,17 +66,19 @@ def line_pattern(line: str) -> re.Pattern:
 
 
 def test_quickstart_runs_with_interpolated_paths(monkeypatch, tmp_path, caplog) -> None:
+    from transformers import BertModel
+
     caplog.set_level(logging.INFO)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LIGHTNING_PEFT_ZOO", str(tmp_path / "zoo"))
-    # a 2-step run: the recipe's 50 warm-up + 100 final AdaLoRA steps would not fit (that is an error)
+    # a 2-step run: the recipe's 12 warm-up + 31 final AdaLoRA steps would not fit (that is an error)
     recipe = (ROOT / "examples/quickstart.yaml").read_text()
-    assert "tinit: 50" in recipe and "tfinal: 100" in recipe
-    (tmp_path / "quick.yaml").write_text(recipe.replace("tinit: 50", "tinit: 0").replace("tfinal: 100", "tfinal: 1"))
+    assert "tinit: 12" in recipe and "tfinal: 31" in recipe
+    (tmp_path / "quick.yaml").write_text(recipe.replace("tinit: 12", "tinit: 0").replace("tfinal: 31", "tfinal: 1"))
     args = ["fit", "--config", str(tmp_path / "quick.yaml"), "--trainer.max_epochs", "1"]
     args += ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
-    args += ["--trainer.enable_progress_bar", "false"]
-    args += ["--model.init_args.model_kwargs", "{img_size: 8, patch_size: 4, in_chans: 1, depth: 1}"]
+    args += ["--trainer.enable_progress_bar", "false", "--trainer.check_val_every_n_epoch", "1"]
+    args += ["--data.init_args.train_size", "64", "--data.init_args.val_size", "64"]
     cli = build_cli(args)
     lora = next(cb for cb in cli.trainer.callbacks if isinstance(cb, LoRA))
     # save_dir is ${trainer.default_root_dir}/adapter in the recipe: omegaconf interpolation resolved it
@@ -87,12 +89,14 @@ def test_quickstart_runs_with_interpolated_paths(monkeypatch, tmp_path, caplog) 
     # the save_dir is a zoo entry too, with the recipe that produced it (zoo push publishes it)
     assert "tinit: 0" in (tmp_path / "runs/quickstart/adapter/config.yaml").read_text()
     assert (tmp_path / "runs/quickstart/adapter/lightning_peft.json").is_file()
-    assert cli.trainer.global_step == 2 and "val_acc" in cli.trainer.callback_metrics
+    assert cli.trainer.global_step == 2 and {"val_acc", "val_acc_head_only"} <= set(cli.trainer.callback_metrics)
+    assert isinstance(cli.model.model.encoder, BertModel)  # the real pretrained MiniLM, not a stand-in
     # ... and published it to the local zoo, with the recipe, the picture and the metrics
     from lightning_peft.zoo import LocalZoo
 
     (entry,) = LocalZoo(tmp_path / "zoo").list()
-    assert entry.name == "quickstart-vit-digits-adalora" and entry.method == "adalora" and "val_acc" in entry.metrics
+    assert entry.name == "quickstart-minilm-word-order-adalora" and entry.method == "adalora"
+    assert {"val_acc", "val_acc_head_only"} <= set(entry.metrics)
     files = {p.name for p in Path(entry.location).iterdir()}
     assert {"config.yaml", "adalora_ranks.png", "README.md", "lightning_peft.json"} <= files
     # the README's quoted output is what the quickstart prints (numbers and paths aside)

@@ -65,6 +65,7 @@ def _short_run(recipe: Path, root: Path) -> Path:
         max_steps=-1,
         limit_train_batches=STEPS,
         limit_val_batches=1,
+        check_val_every_n_epoch=1,
         num_sanity_val_steps=0,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -74,8 +75,9 @@ def _short_run(recipe: Path, root: Path) -> Path:
         args = callback.get("init_args") or {}
         args.update({k: v for k, v in SHORT_SCHEDULE.items() if k in args})
     data = config.get("data") or {}
-    if "class_path" in data and "batch_size" in inspect.signature(_resolve(data["class_path"])).parameters:
-        data.setdefault("init_args", {})["batch_size"] = 8
+    parameters = inspect.signature(_resolve(data["class_path"])).parameters if "class_path" in data else {}
+    small = {"batch_size": 8, "train_size": 64, "val_size": 64}  # the last two: what a head-only baseline reads
+    data.setdefault("init_args", {}).update({k: v for k, v in small.items() if k in parameters})
     path = root.parent / recipe.name
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

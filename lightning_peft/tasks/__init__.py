@@ -13,7 +13,8 @@ module                       backbone                                data (offli
 :class:`DenoisingModule`     diffusers UNet2DConditionModel / DiT    :class:`DigitsDataModule`
 :class:`AudioClassifier`     transformers AST                        :class:`TwoNoteMelodyDataModule`
 :class:`CausalLMModule`      transformers Llama                      :class:`DocstringCorpusDataModule`
-:class:`SentenceClassifier`  transformers encoder (MiniLM, bundled)  :class:`SentimentTemplatesDataModule`
+:class:`SentenceClassifier`  transformers encoder (MiniLM, bundled)  :class:`DocstringWordOrderDataModule`,
+                                                                     :class:`SentimentTemplatesDataModule`
 ===========================  ======================================  =====================================
 """
 
@@ -27,6 +28,7 @@ from lightning_peft.tasks.text import (
     SentimentTemplatesDataModule,
 )
 from lightning_peft.tasks.vision import ImageClassifier
+from lightning_peft.tasks.word_order import DocstringWordOrderDataModule
 
 __all__ = [
     "AudioClassifier",
@@ -34,6 +36,7 @@ __all__ = [
     "DenoisingModule",
     "DigitsDataModule",
     "DocstringCorpusDataModule",
+    "DocstringWordOrderDataModule",
     "ImageClassifier",
     "SentenceClassifier",
     "SentimentTemplatesDataModule",

