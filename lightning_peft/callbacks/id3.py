@@ -230,34 +230,31 @@ class ID3(SparseMethod):
                 layer.flush_grad_hook()
             picks = self.unmasker.select(step)
             grads = self.unmasker.selected_grads
-            bank = self.bank_of(pl_module)
+            bank_grad = self.bank_grad(self.bank_of(pl_module))
             layers = dict(self.layers(pl_module))
             scaler = getattr(trainer.precision_plugin, "scaler", None)
             scale = float(scaler.get_scale()) if scaler is not None else 1.0  # hook gradients are not unscaled yet
-            if bank.values.grad is None:
-                bank.values.grad = torch.zeros_like(bank.values)
             for key, indices in picks.items():
                 layer_name, pname = key.rsplit(":", 1)
                 slots = layers[layer_name].add(pname, indices)
-                bank.values.grad[slots] = grads[key].to(bank.values.grad) / scale
+                bank_grad[slots] = grads[key].to(bank_grad) / scale
             self._set_hooks(pl_module, False)
         self.log_density(trainer, pl_module, per_layer=(step + 1) % self.log_every == 0)
 
     # ----------------------------------------------------------------------------------------- state
     @override
-    def hyperparameters(self) -> dict[str, Any]:
+    def method_hyperparameters(self) -> dict[str, Any]:
         return {
             "budget": self.budget,
             "budget_count": self.budget_count,
             "total_steps": self.unmasker.total_steps if self.unmasker is not None else self.total_steps,
             "eps": self.eps,
             "exp": self.exp,
-            **self.target_hyperparameters(),
         }
 
     @override
-    def schedule(self) -> dict[str, Any]:
-        return {"density_per_layer": dict(self.density_per_layer), "budget": self.budget_count}
+    def method_schedule(self) -> dict[str, Any]:
+        return {"budget": self.budget_count}
 
     @override
     def state_dict(self) -> dict[str, Any]:

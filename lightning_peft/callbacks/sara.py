@@ -252,8 +252,7 @@ class SaRA(SparseMethod):
         if not picks:
             return 0.0
         bank = self.bank_of(pl_module)
-        if bank.values.grad is None:
-            bank.values.grad = torch.zeros_like(bank.values)
+        bank_grad = self.bank_grad(bank)
         scale = self.selector.penalty_scale(len(picks))
         value = 0.0
         for i in picks:
@@ -264,7 +263,7 @@ class SaRA(SparseMethod):
             delta[indices] = values
             norm, grad = nuclear_norm_grad(delta.view(weight.shape))
             slots = layer.active_slots(pname)
-            bank.values.grad.index_add_(
+            bank_grad.index_add_(
                 0, slots, (self.rank_penalty * scale * grad.reshape(-1)[layer.active_indices(pname)]).to(bank.values)
             )
             value += float(norm)
@@ -280,18 +279,17 @@ class SaRA(SparseMethod):
 
     # ----------------------------------------------------------------------------------------- state
     @override
-    def hyperparameters(self) -> dict[str, Any]:
+    def method_hyperparameters(self) -> dict[str, Any]:
         return {
             **self.selector.state_dict(),
             "rank_penalty": self.rank_penalty,
             "reselect_at": self.reselect_at,
             "reselect_step": self.reselect_step,
-            **self.target_hyperparameters(),
         }
 
     @override
-    def schedule(self) -> dict[str, Any]:
-        return {"density_per_layer": dict(self.density_per_layer), "reselect_step": self.reselect_step}
+    def method_schedule(self) -> dict[str, Any]:
+        return {"reselect_step": self.reselect_step}
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -210,6 +210,13 @@ class SparseMethod(MethodCallback):
             raise RuntimeError("no sparse deltas in the model: setup has not run")
         return bank
 
+    @staticmethod
+    def bank_grad(bank: SparseDeltaBank) -> torch.Tensor:
+        """The bank's gradient, zeros if no value has one yet this step, for adding entries' gradients to."""
+        if bank.values.grad is None:
+            bank.values.grad = torch.zeros_like(bank.values)
+        return bank.values.grad
+
     def layers(self, pl_module: pl.LightningModule) -> list[tuple[str, SparseDeltaLayer]]:
         """The sparse layers, with names relative to the backbone."""
         root, _, _ = resolve_backbone(pl_module, self.backbone)
@@ -238,15 +245,28 @@ class SparseMethod(MethodCallback):
         return density
 
     # ----------------------------------------------------------------------------------------- results
-    def target_hyperparameters(self) -> dict[str, Any]:
-        """The settings every sparse method shares (which tensors), for its :meth:`hyperparameters`."""
+    def method_hyperparameters(self) -> dict[str, Any]:
+        """The method's own settings (and what a fit resolved of them); :meth:`hyperparameters` adds the targets."""
+        raise NotImplementedError
+
+    @override
+    def hyperparameters(self) -> dict[str, Any]:
         return {
+            **self.method_hyperparameters(),
             "target_modules": self.target_modules,
             "exclude_modules": self.exclude_modules,
             "parameters": list(self.parameters),
             "include_norms": self.include_norms,
             "modules_to_save": self.modules_to_save,
         }
+
+    def method_schedule(self) -> dict[str, Any]:
+        """What the method decided beyond the density per layer; :meth:`schedule` adds that density."""
+        return {}
+
+    @override
+    def schedule(self) -> dict[str, Any]:
+        return {"density_per_layer": dict(self.density_per_layer), **self.method_schedule()}
 
     @override
     def base_fingerprint(self, root: nn.Module) -> dict[str, Any]:
