@@ -77,10 +77,9 @@ def main() -> None:
     if sys.argv[1:2] in (["-h"], ["--help"]):
         print(ZOO_HELP)
     build_cli()
-    if "torch.distributed" in sys.modules:  # a multi-process fit ran (and succeeded: an error raised past here)
-        from lightning_peft import distributed
+    from lightning_peft import distributed
 
-        distributed.shutdown()
+    distributed.shutdown()  # after a multi-process fit that succeeded (an error raised past here)
 
 
 if __name__ == "__main__":  # pragma: no cover
