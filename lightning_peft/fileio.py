@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["StorageError", "check_writable", "mount_of", "staged_dir", "staged_file", "storage_error"]
+__all__ = ["StorageError", "check_writable", "mount_of", "staged_dir", "staged_file", "storage_error", "user_cache_dir"]
 
 
 class StorageError(OSError):
@@ -27,6 +27,14 @@ class StorageError(OSError):
 
     def __str__(self) -> str:
         return str(self.strerror if self.strerror is not None else super().__str__())
+
+
+def user_cache_dir(name: str, env: str) -> Path:
+    """``$<env>``, else ``$XDG_CACHE_HOME/lightning-peft/<name>``, else ``~/.cache/lightning-peft/<name>``."""
+    if os.environ.get(env):
+        return Path(os.environ[env]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "lightning-peft" / name
 
 
 def _existing(path: Path) -> Path:

@@ -92,6 +92,12 @@ def bundled_minilm_path() -> str:
     return str(package.get_model_path())
 
 
+def encoder_tokenizer(name: str | None, who: str) -> Any:
+    """``transformers.AutoTokenizer`` of ``name``, or of the bundled MiniLM when None; ``who`` names the caller in
+    the error that says which extra to install."""
+    return require("transformers", who).AutoTokenizer.from_pretrained(name or bundled_minilm_path())
+
+
 def docstring_corpus(modules: list[str] | tuple[str, ...] = DEFAULT_DOC_MODULES) -> str:
     """The docstrings of ``modules`` and of their public classes and functions, in a fixed order.
 
@@ -449,8 +455,7 @@ class SentimentTemplatesDataModule(TensorSplitDataModule):
         return splits
 
     def _encode(self, pairs: list[tuple[str, int]]) -> TensorDataset:
-        transformers = require("transformers", type(self).__name__)
-        tok = transformers.AutoTokenizer.from_pretrained(self.tokenizer or bundled_minilm_path())
+        tok = encoder_tokenizer(self.tokenizer, type(self).__name__)
         enc = tok([s for s, _ in pairs], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         labels = torch.tensor([label for _, label in pairs], dtype=torch.long)
         return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)

@@ -23,7 +23,6 @@ import hashlib
 import importlib
 import inspect
 import json
-import os
 import random
 import re
 import sys
@@ -34,9 +33,9 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-from lightning_peft._deps import require
-from lightning_peft.fileio import staged_file
+from lightning_peft.fileio import staged_file, user_cache_dir
 from lightning_peft.tasks.base import TensorSplitDataModule
+from lightning_peft.tasks.text import encoder_tokenizer
 
 __all__ = ["WORD_ORDER_MODULES", "DocstringWordOrderDataModule", "docstring_sentences", "swap_two_words"]
 
@@ -140,10 +139,7 @@ def swap_two_words(sentence: str, rng: random.Random) -> str | None:
 
 def _cache_root() -> Path:
     """``$LIGHTNING_PEFT_DATA``, else ``$XDG_CACHE_HOME/lightning-peft/data``, else ``~/.cache/lightning-peft/data``."""
-    if os.environ.get("LIGHTNING_PEFT_DATA"):
-        return Path(os.environ["LIGHTNING_PEFT_DATA"])
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "lightning-peft" / "data"
+    return user_cache_dir("data", "LIGHTNING_PEFT_DATA")
 
 
 class DocstringWordOrderDataModule(TensorSplitDataModule):
@@ -262,10 +258,7 @@ class DocstringWordOrderDataModule(TensorSplitDataModule):
         return data
 
     def _encode(self, pairs: list[list[Any]]) -> TensorDataset:
-        transformers = require("transformers", type(self).__name__)
-        from lightning_peft.tasks.text import bundled_minilm_path
-
-        tok = transformers.AutoTokenizer.from_pretrained(self.tokenizer or bundled_minilm_path())
+        tok = encoder_tokenizer(self.tokenizer, type(self).__name__)
         lengths = [len(ids) for ids in tok([s for s, _ in pairs])["input_ids"]]
         kept = [p for p, n in zip(pairs, lengths, strict=True) if n <= self.max_length]
         enc = tok([s for s, _ in kept], padding=True, return_tensors="pt")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_peft.fileio import staged_file, storage_error
+from lightning_peft.fileio import staged_file, storage_error, user_cache_dir
 from lightning_peft.zoo.entry import EntryError, read_manifest, validate_name, verify_files
 
 __all__ = ["EntryInfo", "LocalZoo", "default_root"]
@@ -77,10 +77,7 @@ class EntryInfo:
 
 def default_root() -> Path:
     """``$LIGHTNING_PEFT_ZOO``, else ``$XDG_CACHE_HOME/lightning-peft/zoo``, else ``~/.cache/lightning-peft/zoo``."""
-    if os.environ.get("LIGHTNING_PEFT_ZOO"):
-        return Path(os.environ["LIGHTNING_PEFT_ZOO"]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "lightning-peft" / "zoo"
+    return user_cache_dir("zoo", "LIGHTNING_PEFT_ZOO")
 
 
 class LocalZoo:
