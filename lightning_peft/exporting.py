@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import json
 import os
 import sys
 import warnings
@@ -54,8 +55,9 @@ from lightning_peft.fileio import staged_dir
 
 __all__ = ["FORMATS", "export", "load_base", "merged_model", "native_format", "save_native"]
 
-Format = Literal["auto", "transformers", "diffusers", "timm", "safetensors", "diffusers-lora"]
-FORMATS: tuple[str, ...] = ("auto", "transformers", "diffusers", "timm", "safetensors", "diffusers-lora")
+Format = Literal["auto", "transformers", "diffusers", "timm", "safetensors", "diffusers-lora", "peft-shira"]
+FORMATS: tuple[str, ...] = ("auto", "transformers", "diffusers", "timm", "safetensors", "diffusers-lora", "peft-shira")
+_UNMERGED = ("diffusers-lora", "peft-shira")  # formats that keep the result apart from the base weights
 
 
 def export(
@@ -81,7 +83,9 @@ def export(
         zoo: the zoo to read a name from (a ``LocalZoo``/``HubZoo``, ``"local"`` or ``"hub"``).
         format: ``"auto"`` (by the model's class), or one of ``transformers``, ``diffusers``, ``timm``,
             ``safetensors`` (a plain state_dict, for any module); ``diffusers-lora`` writes a UNet's LoRA unmerged,
-            for a pipeline's ``load_lora_weights`` (:mod:`lightning_peft.adapters.diffusers_lora`).
+            for a pipeline's ``load_lora_weights`` (:mod:`lightning_peft.adapters.diffusers_lora`); ``peft-shira``
+            writes an ID³/SaRA result as a peft SHiRA adapter, for ``PeftModel.from_pretrained``
+            (:mod:`lightning_peft.adapters.shira`).
         allow_base_mismatch: apply the result even if the base weights' fingerprint differs.
 
     Returns:
@@ -96,7 +100,9 @@ def export(
     if format == "diffusers-lora":
         from lightning_peft.adapters.diffusers_lora import save_diffusers_lora
 
-        return save_diffusers_lora(_backbone(_with_result(source, base, revision, zoo, allow_base_mismatch)), target)
+        return save_diffusers_lora(_backbone(_with_result(source, base, revision, zoo, allow_base_mismatch)[0]), target)
+    if format == "peft-shira":
+        return _export_shira(source, target, base, revision, zoo, allow_base_mismatch)
     model = merged_model(source, base, revision=revision, zoo=zoo, allow_base_mismatch=allow_base_mismatch)
     return save_native(model, target, format)
 
@@ -113,7 +119,55 @@ def merged_model(
     if isinstance(source, nn.Module):
         _with_result(source, base, revision, zoo, allow_base_mismatch)
         return _merge(copy.deepcopy(_backbone(source)))
-    return _merge(_with_result(source, base, revision, zoo, allow_base_mismatch))
+    return _merge(_with_result(source, base, revision, zoo, allow_base_mismatch)[0])
+
+
+def _export_shira(
+    source: nn.Module | str | os.PathLike,
+    target: Path,
+    base: nn.Module | str | os.PathLike | None,
+    revision: str | None,
+    zoo: Any,
+    allow_base_mismatch: bool,
+) -> Path:
+    """Write an ID³/SaRA result as a peft SHiRA adapter (:mod:`lightning_peft.adapters.shira`), atomically."""
+    from safetensors.torch import save_file
+
+    from lightning_peft.adapters.serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from lightning_peft.adapters.shira import shira_files
+    from lightning_peft.adapters.sparse import sparse_state_dict
+
+    model, folder = _with_result(source, base, revision, zoo, allow_base_mismatch)
+    if folder is None:  # a trained model: its sparse layers, and what trains in full beside them
+        backbone = _backbone(model)
+        sparse = sparse_state_dict(backbone)
+        if not sparse:
+            raise ValueError(_NOT_SPARSE.format(what="this model has no sparse layers (ID³/SaRA)"))
+        bank = {id(p) for _, layer in sparse_layers(backbone) for p in layer.parameters()}
+        dense = [n for n, p in backbone.named_parameters() if p.requires_grad and id(p) not in bank]
+        merged = _merge(copy.deepcopy(backbone))
+        base_name = None
+    else:
+        config = read_adapter_config(folder)
+        if config.get("delta_format") != "sparse":
+            raise ValueError(_NOT_SPARSE.format(what=f"{folder} holds a {config.get('method', 'LoRA')} result"))
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+        dense = list(config.get("dense_tensors") or [])
+        sparse = {k: v for k, v in tensors.items() if k not in dense}
+        merged, base_name = model, config.get("base_model_name_or_path")
+    peft_config, peft_tensors = shira_files(merged, sparse, dense, base_name)
+    with staged_dir(target) as tmp:
+        save_file(peft_tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+    return target
+
+
+_NOT_SPARSE = (
+    "format='peft-shira' writes sparse results (ID³, SaRA), but {what}: a LoRA/AdaLoRA result is a peft adapter "
+    "already, and a LISA result is dense; export merged (format='auto') instead"
+)
 
 
 def _with_result(
@@ -122,12 +176,13 @@ def _with_result(
     revision: str | None,
     zoo: Any,
     allow_base_mismatch: bool,
-) -> nn.Module:
-    """``source`` itself (a trained model), or the base with the saved result loaded (adapters not merged)."""
+) -> tuple[nn.Module, Path | None]:
+    """``source`` itself (a trained model), or the base with the saved result loaded (adapters not merged), and the
+    result's folder (None for a trained model)."""
     if isinstance(source, nn.Module):
         if base is not None:
             raise ValueError("pass base= only with a saved result; a trained model already holds its base weights")
-        return source
+        return source, None
     if base is None:
         raise ValueError(
             f"exporting the saved result {str(source)!r} needs base=: the model it was trained on (a module, a local "
@@ -149,7 +204,7 @@ def _with_result(
         if not folder.is_dir():
             folder = zoo_api.download(str(source), revision, zoo=zoo)
         zoo_api.load_folder(model, folder, allow_base_mismatch=allow_base_mismatch)
-    return model
+    return model, folder
 
 
 def _backbone(model: nn.Module) -> nn.Module:
@@ -204,7 +259,7 @@ def save_native(model: nn.Module, out_dir: str | os.PathLike, format: Format = "
     """
     if any(True for _ in adapter_layers(model)) or any(True for _ in sparse_layers(model)):
         raise ValueError("save_native writes a plain model; merge the adapters first (merged_model / export)")
-    if format not in FORMATS or format == "diffusers-lora":
+    if format not in FORMATS or format in _UNMERGED:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     chosen = native_format(model) if format == "auto" else format
     if chosen != "safetensors" and chosen != native_format(model):

@@ -43,6 +43,9 @@ _LOADERS = {
     "diffusers": "import diffusers; model = getattr(diffusers, json.load(open(f'{d}/config.json'))['_class_name'])"
     ".from_pretrained(d)",
     "timm": "import timm; model = timm.create_model('local-dir:' + d, pretrained=True)",
+    # a peft adapter in d, onto the transformers base model saved beside it in d + "-base"
+    "peft": "import peft, transformers; model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM"
+    ".from_pretrained(d + '-base'), d)",
 }
 
 

@@ -128,3 +128,95 @@ def test_cli_export_from_a_folder_and_from_the_zoo(tmp_path, monkeypatch, capsys
     assert _cli(monkeypatch, "export", tmp_path / "entry", "--base", tmp_path / "a", "--out", tmp_path / "c") == 2
     assert "not the base model" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+# --------------------------------------------------------------------------------- ID3 / SaRA as peft SHiRA
+def _sparse_result(folder, method: str = "id3"):
+    """A tiny Llama with a sparse result the SHiRA export must split three ways, written as a zoo entry: Linear
+    weights with a few entries (SHiRA layers), one Linear so dense that no shared r fits it and a norm weight
+    (modules to save, whole), and ``lm_head`` trained in full (the callback's ``modules_to_save``)."""
+    from lightning_peft import ID3, SaRA
+    from lightning_peft.adapters.sparse import inject_sparse, sparse_bank, sparse_layers
+    from lightning_peft.zoo import build_entry, fingerprint
+
+    model = tiny_llama(seed=0)
+    base = fingerprint(model, exclude=["lm_head"])
+    model.requires_grad_(False)
+    chosen = {
+        "model.layers.0.self_attn.q_proj": 8,  # 32 x 32
+        "model.layers.1.mlp.down_proj": 20,  # 64 in, 32 out
+        "model.layers.1.self_attn.k_proj": 500,  # 32 in, 16 out: 500 > r (32 + 16) <= 512 holds for no r
+        "model.layers.0.input_layernorm": 3,
+    }
+    bank = inject_sparse(model, {name: ("weight",) for name in chosen}, capacity=sum(chosen.values()))
+    gen = torch.Generator().manual_seed(5)
+    for name, layer in sparse_layers(model):
+        n = layer.base_layer.weight.numel()
+        layer.add("weight", torch.randperm(n, generator=gen)[: chosen[name]].sort().values)
+    assert bank is sparse_bank(model)
+    with torch.no_grad():
+        bank.values.copy_(0.1 * torch.randn(bank.values.shape, generator=gen))
+        model.lm_head.weight.add_(0.1 * torch.randn(model.lm_head.weight.shape, generator=gen))
+    model.lm_head.requires_grad_(True)
+    callback = (
+        ID3(budget=bank.capacity, modules_to_save=["lm_head"]) if method == "id3" else SaRA(modules_to_save=["lm_head"])
+    )
+    callback.save(model, folder)
+    build_entry(folder, model, None, "sparse", adapter_written=True, method=method, base_fingerprint=base)
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", ["id3", "sara"])
+def test_sparse_results_load_into_peft_as_shira_with_the_same_outputs(tmp_path, method, monkeypatch) -> None:
+    import json
+
+    trained = _sparse_result(tmp_path / "entry", method)
+    with torch.no_grad():
+        want = forward("llama", trained)
+    tiny_llama(seed=0).save_pretrained(tmp_path / "from-entry-base")
+    tiny_llama(seed=0).save_pretrained(tmp_path / "from-model-base")
+    from_entry = tmp_path / "from-entry"  # by the command line, from the base model's own folder
+    argv = ("export", tmp_path / "entry", "--base", f"{from_entry}-base", "--out", from_entry, "--format", "peft-shira")
+    assert _cli(monkeypatch, *argv) == 0
+    from_model = lightning_peft.export(trained, tmp_path / "from-model", format="peft-shira")
+    for out in (from_entry, from_model):
+        assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert (config["peft_type"], config["r"], config["mask_type"]) == ("SHIRA", 1, "saved_indices")
+        assert config["modules_to_save"] == [
+            "lm_head",
+            "model.layers.0.input_layernorm",
+            "model.layers.1.self_attn.k_proj",
+        ]
+        assert config["target_modules"] == r"(?:model\.layers\.0\.self_attn\.q_proj|model\.layers\.1\.mlp\.down_proj)"
+    inputs = example_inputs("llama", trained)
+    for got in read_back([("peft", from_entry, inputs), ("peft", from_model, inputs)], tmp_path):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_shira_export_refuses_what_peft_cannot_hold(tmp_path) -> None:
+    from lightning_peft.adapters.sparse import inject_sparse, sparse_layers
+
+    for method in ("lora", "lisa"):
+        make_result(method, tiny_llama(seed=0), tmp_path / method)
+        with pytest.raises(ValueError, match="writes sparse results .* export merged"):
+            lightning_peft.export(tmp_path / method, tmp_path / "out", base=tiny_llama(0), format="peft-shira")
+
+    class Rooted(torch.nn.Module):  # a parameter of the model itself, as a ViT's cls_token
+        def __init__(self) -> None:
+            super().__init__()
+            self.token = torch.nn.Parameter(torch.zeros(4))
+            self.proj = torch.nn.Linear(4, 4)
+
+    rooted = Rooted().requires_grad_(False)
+    inject_sparse(rooted, {"proj": ("weight",)}, capacity=2)
+    next(layer for _, layer in sparse_layers(rooted)).add("weight", torch.tensor([1]))
+    rooted.token.requires_grad_(True)  # trained in full beside the sparse layers
+    with pytest.raises(ValueError, match="parameter of the model itself"):
+        lightning_peft.export(rooted, tmp_path / "out", format="peft-shira")
+    norm_only = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)).requires_grad_(False)
+    inject_sparse(norm_only, {"1": ("weight",)}, capacity=2)
+    next(layer for _, layer in sparse_layers(norm_only)).add("weight", torch.tensor([1]))
+    with pytest.raises(ValueError, match="no tensor of this result is the weight of an nn.Linear"):
+        lightning_peft.export(norm_only, tmp_path / "out", format="peft-shira")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lisa", "lora"]  # nothing written, no staging left

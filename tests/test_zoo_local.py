@@ -56,6 +56,9 @@ def test_publish_search_download_load_gives_the_same_outputs(local) -> None:
     }
     card = (folder / "README.md").read_text()
     assert "library_name: lightning-peft" in card and "base_model: tiny/llama" in card and "- lora" in card
+    assert "`PeftModel.from_pretrained(base_model, FOLDER)`" in card  # the loaders that read it
+    assert "lightning-peft zoo export llama-qv --base BASE --out DIR`" in card
+    assert "peft-shira" not in card and "diffusers-lora" not in card  # not a sparse result, not a UNet
     fresh = FAMILIES["llama"](seed=0).eval()
     manifest = zoo.load(fresh, "llama-qv", zoo=local)
     assert manifest["method"] == "lora" and len(list(adapter_layers(fresh))) == 4
@@ -254,5 +257,17 @@ def test_a_callbacks_save_dir_is_an_entry_that_zoo_push_publishes(method: str, l
     assert [e.name for e in zoo.search(base_model="tiny", method=method.upper(), zoo=local)] == ["from-save-dir"]
     card = (zoo.download("from-save-dir", zoo=local) / "README.md").read_text()  # a card, made from the manifest
     assert "# from-save-dir" in card and "base_model: org/tiny-llama" in card and f"- {method}" in card
+    assert ("--format peft-shira" in card) == (method == "id3")  # a sparse result exports for peft's SHiRA
+    assert ("the entry is a peft adapter as it is" in card) == (method == "lora")
     assert {p.name: p.read_bytes() for p in save_dir.iterdir()} == before  # the save_dir itself is left as it was
     zoo.load(FamilyModule("llama", n_batches=2).model, "from-save-dir", zoo=local)  # the base fingerprint matches
+
+
+def test_the_card_of_a_unet_lora_names_the_diffusers_pipeline_loader(tmp_path) -> None:
+    from lightning_peft.zoo.card import loaders
+
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    assert "--format diffusers-lora`, then `pipe.load_lora_weights(DIR)`" in loaders(
+        tmp_path, "x", "UNet2DConditionModel"
+    )
+    assert "diffusers-lora" not in loaders(tmp_path, "x", "LlamaForCausalLM")

@@ -136,7 +136,7 @@ def build_entry(
     metrics = {k: float(v) for k, v in (metrics or {}).items()}
     hyper = hyperparameters if hyperparameters is not None else (config.to_dict() if config is not None else {})
     schedule = dict(schedule or {})
-    write_card(folder, name, method, base_model, metrics, hyper, names, schedule=schedule)
+    write_card(folder, name, method, base_model, metrics, hyper, names, schedule, unwrapped_class(model).__name__)
     if method == "adalora" and not schedule:
         schedule = {
             "rank_pattern": read_adapter_config(folder).get("rank_pattern", {}),
@@ -219,6 +219,7 @@ def publish_folder(
             fields["hyperparameters"],
             pictures,
             schedule=fields["schedule"],
+            base_class=base.get("class"),
         )
         write_manifest(
             Path(tmp),

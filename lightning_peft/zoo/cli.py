@@ -70,6 +70,8 @@ def _table(rows: list[EntryInfo], title: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from lightning_peft.exporting import FORMATS  # the export command's formats (exporting builds on the zoo)
+
     parser = argparse.ArgumentParser(prog="lightning-peft zoo", description="Publish, find and fetch adapters.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--hub", action="store_true", help="use the Hugging Face Hub instead of the local zoo")
@@ -106,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         default="auto",
-        choices=["auto", "transformers", "diffusers", "timm", "safetensors", "diffusers-lora"],
+        choices=FORMATS,
+        help="the model's own format (auto); diffusers-lora: a UNet LoRA unmerged; peft-shira: ID3/SaRA for peft",
     )
     p.add_argument("--allow-base-mismatch", action="store_true", help="skip the base fingerprint check")
     p = sub.add_parser(
