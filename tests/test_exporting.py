@@ -44,22 +44,23 @@ def test_every_method_exports_to_transformers(tmp_path) -> None:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m, method=method: f"{method}: {m}")
 
 
-def test_each_family_exports_to_its_own_format(tmp_path) -> None:
-    cases = [
-        ("vit", _tiny_timm_vit, "lora", "timm"),
-        ("unet", tiny_unet, "id3", "diffusers"),
-        ("dit", tiny_dit, "lisa", "diffusers"),
-    ]
+@pytest.mark.parametrize(
+    ("family", "factory", "library"),
+    [("vit", _tiny_timm_vit, "timm"), ("unet", tiny_unet, "diffusers"), ("dit", tiny_dit, "diffusers")],
+)
+def test_every_method_exports_to_each_familys_own_format(tmp_path, family, factory, library) -> None:
     jobs, expected = [], []
-    for family, factory, method, library in cases:
-        trained = make_result(method, factory(seed=0), tmp_path / family).eval()
+    for i, method in enumerate(METHODS):
+        trained = make_result(method, factory(seed=0), tmp_path / method).eval()
         with torch.no_grad():
             expected.append(forward(family, trained))
-        out = lightning_peft.export(trained, tmp_path / f"{family}-merged")  # from the trained model itself
-        inputs = example_inputs(family, trained)
-        jobs.append((library, out, inputs))
-    for (family, *_), got, want in zip(cases, read_back(jobs, tmp_path), expected, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m, family=family: f"{family}: {m}")
+        if i % 2:  # from the saved result and the base, or from the trained model itself
+            out = lightning_peft.export(tmp_path / method, tmp_path / f"{method}-merged", base=factory(seed=0))
+        else:
+            out = lightning_peft.export(trained, tmp_path / f"{method}-merged")
+        jobs.append((library, out, example_inputs(family, trained)))
+    for method, got, want in zip(METHODS, read_back(jobs, tmp_path), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m, method=method: f"{method}: {m}")
 
 
 def test_a_plain_module_exports_its_state_dict(tmp_path) -> None:
