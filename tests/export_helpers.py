@@ -84,7 +84,7 @@ def _targets(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in _LINEARS]
 
 
-_LINEARS = ("q_proj", "v_proj", "to_q", "to_v", "qkv", "fc1")
+_LINEARS = ("q_proj", "v_proj", "to_q", "to_v", "qkv", "fc1", "query", "value")
 
 
 def make_result(method: str, model: nn.Module, folder: Path, name: str = "result") -> nn.Module:

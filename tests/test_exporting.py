@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from export_helpers import METHODS, make_result, read_back
-from tiny_models import example_inputs, forward, tiny_dit, tiny_llama, tiny_mlp, tiny_unet
+from tiny_models import example_inputs, forward, tiny_ast, tiny_dit, tiny_llama, tiny_mlp, tiny_unet
 
 import lightning_peft
 from lightning_peft.zoo import FingerprintMismatchError
@@ -46,7 +46,12 @@ def test_every_method_exports_to_transformers(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     ("family", "factory", "library"),
-    [("vit", _tiny_timm_vit, "timm"), ("unet", tiny_unet, "diffusers"), ("dit", tiny_dit, "diffusers")],
+    [
+        ("vit", _tiny_timm_vit, "timm"),
+        ("unet", tiny_unet, "diffusers"),
+        ("dit", tiny_dit, "diffusers"),
+        ("ast", tiny_ast, "transformers"),  # an audio transformer
+    ],
 )
 def test_every_method_exports_to_each_familys_own_format(tmp_path, family, factory, library) -> None:
     jobs, expected = [], []
