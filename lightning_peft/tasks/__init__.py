@@ -21,12 +21,9 @@ module                       backbone                                data (offli
 from lightning_peft.tasks.audio import AudioClassifier, TwoNoteMelodyDataModule
 from lightning_peft.tasks.data import DigitsDataModule
 from lightning_peft.tasks.diffusion import DenoisingModule
-from lightning_peft.tasks.text import (
-    CausalLMModule,
-    DocstringCorpusDataModule,
-    SentenceClassifier,
-    SentimentTemplatesDataModule,
-)
+from lightning_peft.tasks.language_model import CausalLMModule, DocstringCorpusDataModule
+from lightning_peft.tasks.sentence_classification import SentenceClassifier
+from lightning_peft.tasks.sentiment import SentimentTemplatesDataModule
 from lightning_peft.tasks.vision import ImageClassifier
 from lightning_peft.tasks.word_order import DocstringWordOrderDataModule
 

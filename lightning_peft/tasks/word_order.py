@@ -35,7 +35,8 @@ from torch.utils.data import TensorDataset
 
 from lightning_peft.fileio import staged_file, user_cache_dir
 from lightning_peft.tasks.base import TensorSplitDataModule
-from lightning_peft.tasks.text import encoder_tokenizer
+from lightning_peft.tasks.docstrings import documented_objects
+from lightning_peft.tasks.encoders import encoder_tokenizer
 
 __all__ = ["WORD_ORDER_MODULES", "DocstringWordOrderDataModule", "docstring_sentences", "swap_two_words"]
 
@@ -59,21 +60,6 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _VERSION = 1  # of the corpus rules below: part of the cache key, so a change never reads an older cache
 
 
-def _documented(module: Any) -> list[Any]:
-    """``module``, its public classes and functions, and the public methods of those classes, in a fixed order."""
-    objects: list[Any] = [module]
-    for name in sorted(dir(module)):
-        if name.startswith("_"):
-            continue
-        obj = getattr(module, name, None)
-        if getattr(obj, "__module__", None) != module.__name__:
-            continue
-        objects.append(obj)
-        if inspect.isclass(obj):
-            objects.extend(v for k, v in sorted(vars(obj).items()) if not k.startswith("_") and callable(v))
-    return objects
-
-
 def _prose(paragraph: str) -> bool:
     """A paragraph of prose: no doctest, no code, mostly letters and spaces."""
     if ">>>" in paragraph or "::" in paragraph:
@@ -90,7 +76,8 @@ def docstring_sentences(module_name: str, min_words: int = 8, max_words: int = 2
         max_words: longest sentence kept.
 
     Returns:
-        The sentences in the order of :func:`_documented`; ``[]`` when the module does not import.
+        The sentences in the order of :func:`~lightning_peft.tasks.docstrings.documented_objects` (with
+        methods); ``[]`` when the module does not import.
 
     Example:
         >>> any("JSON" in s for s in docstring_sentences("json"))
@@ -104,7 +91,7 @@ def docstring_sentences(module_name: str, min_words: int = 8, max_words: int = 2
         return []
     seen: set[str] = set()
     out: list[str] = []
-    for obj in _documented(module):
+    for obj in documented_objects(module, methods=True):
         doc = inspect.getdoc(obj)
         if not doc:
             continue
