@@ -7,19 +7,15 @@ entry. Downloads go through ``snapshot_download`` (so ``HF_HUB_OFFLINE=1`` works
 every file is checked against the manifest's sha256; a snapshot that fails is deleted from the cache,
 with the cached blobs of its bad files, so a retry downloads them again.
 
-Faults are one :class:`HubError` line that names the endpoint and what to check. Every call first
-sends one request with a short timeout (``timeout``, default ``$LIGHTNING_PEFT_HUB_TIMEOUT`` or 10 s)
-and no retries, so a closed port or a server that never answers fails within that time instead of
-after the client's retries (a stalled server would otherwise hang: the client's own default is no
-timeout); while the call runs, every request to the endpoint is bounded by the same timeout. A
-download whose endpoint is unreachable is served from the cache when the revision is there.
+Faults are one :class:`HubError` line that names the endpoint and what to check; how each call is probed,
+bounded by ``timeout`` and its errors translated is :mod:`lightning_peft.zoo.transport`. A download whose endpoint
+is unreachable is served from the cache when the revision is there.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
-import importlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -28,20 +24,20 @@ from typing import Any
 
 from lightning_peft.zoo.entry import EntryError, read_manifest, sha256_file, verify_files
 from lightning_peft.zoo.local import EntryInfo
+from lightning_peft.zoo.transport import (
+    DEFAULT_TIMEOUT,
+    TIMEOUT_ENV,
+    HubError,
+    HubUnreachableError,
+    bounded,
+    probe,
+    resolve_timeout,
+    translate,
+)
 
 __all__ = ["DEFAULT_TIMEOUT", "TIMEOUT_ENV", "HubError", "HubUnreachableError", "HubZoo", "validate_repo_id"]
 
-TIMEOUT_ENV = "LIGHTNING_PEFT_HUB_TIMEOUT"
-DEFAULT_TIMEOUT = 10.0
 _PICKLES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-
-
-class HubError(RuntimeError):
-    """The Hub refused or could not be reached; the message says which."""
-
-
-class HubUnreachableError(HubError):
-    """Nothing answered at the endpoint (refused, timed out, no route): the message names it and what to check."""
 
 
 def validate_repo_id(name: str) -> str:
@@ -62,35 +58,6 @@ def validate_repo_id(name: str) -> str:
             "starting and ending with a letter or digit, without '--' or '..'"
         ) from None
     return name
-
-
-def _timeout(value: float | None) -> float:
-    if value is None:
-        raw = os.environ.get(TIMEOUT_ENV, "")
-        try:
-            value = float(raw) if raw.strip() else DEFAULT_TIMEOUT
-        except ValueError:
-            raise ValueError(f"${TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
-    if not value > 0:
-        raise ValueError(f"the Hub timeout must be a positive number of seconds, got {value!r}")
-    return float(value)
-
-
-def _text(err: BaseException, limit: int = 300) -> str:
-    """An error's message on one line, at most ``limit`` characters (the client's messages span lines)."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """The HTTP clients' own network errors (huggingface_hub 2.x: httpx2; 1.x: httpx; 0.x: requests)."""
-    found = []
-    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")):
-        with contextlib.suppress(ImportError, AttributeError):
-            found.append(getattr(importlib.import_module(module), name))
-    with contextlib.suppress(ImportError, AttributeError):
-        found.append(importlib.import_module("requests").Timeout)
-    return tuple(found)
 
 
 class HubZoo:
@@ -132,7 +99,7 @@ class HubZoo:
         self._namespace = namespace
         self.private = private
         self.cache_dir = str(cache_dir) if cache_dir is not None else None
-        self.timeout = _timeout(timeout)
+        self.timeout = resolve_timeout(timeout)
 
     def __repr__(self) -> str:  # never shows the token
         return f"HubZoo(namespace={self._namespace!r}, endpoint={self.endpoint!r})"
@@ -142,133 +109,18 @@ class HubZoo:
         """The endpoint this zoo talks to (the explicit one, else huggingface_hub's)."""
         return str(self.api.endpoint).rstrip("/")
 
-    def _unreachable(self, err: BaseException) -> HubUnreachableError:
-        kind = type(err).__name__
-        reason = _text(err)
-        if "timeout" in kind.lower() or "timed out" in reason.lower():
-            what = f"did not answer within {self.timeout:g} s ({kind})"
-            hint = f"if it is only slow, raise the timeout (HubZoo(timeout=...), --timeout or ${TIMEOUT_ENV}); else "
-        else:
-            what = f"cannot be reached ({kind}: {reason})"
-            hint = ""
-        return HubUnreachableError(
-            f"the Hub at {self.url} {what}: {hint}check the endpoint (--endpoint / HF_ENDPOINT), the network and any "
-            "proxy, or set HF_HUB_OFFLINE=1 to work from the cache"
-        )
-
-    def _translate(self, err: Exception, repo_id: str, revision: str | None = None) -> Exception:
-        from huggingface_hub.errors import (
-            EntryNotFoundError,
-            HfHubHTTPError,
-            LocalEntryNotFoundError,
-            OfflineModeIsEnabled,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-
-        if isinstance(err, HubError):
-            return err
-        if type(err).__name__ == "LocalTokenNotFoundError":  # an OSError: before the network errors
-            return HubError(
-                f"no Hub token for {repo_id}: log in with `hf auth login`, set HF_TOKEN, or pass a token (and a "
-                "namespace, to publish without asking the Hub who you are)"
-            )
-        if isinstance(err, RevisionNotFoundError):
-            return HubError(f"revision {revision!r} of {repo_id} does not exist on the Hub at {self.url}")
-        if isinstance(err, RepositoryNotFoundError):
-            return HubError(
-                f"{repo_id} was not found on the Hub at {self.url} (or it is private and your token cannot see it)"
-            )
-        if isinstance(err, LocalEntryNotFoundError | OfflineModeIsEnabled):  # before EntryNotFoundError: a subclass
-            return HubError(
-                f"the Hub at {self.url} cannot be reached and {repo_id} is not in the local cache ({_text(err)})"
-            )
-        if isinstance(err, EntryNotFoundError):
-            return HubError(f"{repo_id} lacks a file the entry needs: {_text(err)}")
-        if isinstance(err, HfHubHTTPError):
-            status = getattr(err.response, "status_code", None)
-            if status in (401, 403):
-                return HubError(
-                    f"no permission for {repo_id} (HTTP {status}): log in with `hf auth login` or pass a token"
-                )
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__  # no server page
-            return HubError(f"the Hub at {self.url} answered HTTP {status} for {repo_id}: {first}")
-        if isinstance(err, _transport_errors() + (ConnectionError, TimeoutError)):
-            return self._unreachable(err)
-        if isinstance(err, OSError):
-            return HubError(f"the Hub at {self.url} cannot be reached ({type(err).__name__}: {_text(err)})")
-        return err
-
-    def _probe(self) -> None:
-        """One request with the timeout and no retries: fail fast when nothing answers (skipped offline)."""
-        from huggingface_hub import constants
-        from huggingface_hub.utils import get_session
-
-        if constants.HF_HUB_OFFLINE:
-            return
-        try:
-            get_session().head(self.url + "/", timeout=self.timeout)
-        except _transport_errors() + (ConnectionError, TimeoutError) as err:
-            raise self._unreachable(err) from err
-
-    @contextlib.contextmanager
-    def _bounded(self) -> Iterator[None]:
-        """Meanwhile, every request huggingface_hub sends to the endpoint times out after ``timeout`` seconds.
-
-        And the client's retries after a network failure (same method and URL again, no answer to the first)
-        stop at once with :class:`HubUnreachableError`: they would sleep 1 + 2 + 4 + 8 + 8 s between
-        attempts. Retries after an HTTP answer (429, 5xx) go on as the client wants.
-        """
-        from huggingface_hub.utils import get_session
-
-        session = get_session()
-        hooks = getattr(session, "event_hooks", None)  # httpx clients (huggingface_hub >= 1); requests has none
-        if not isinstance(hooks, dict) or "request" not in hooks or "response" not in hooks:
-            yield
-            return
-        prefix, limit = self.url, self.timeout
-        unanswered: set[tuple[str, str]] = set()
-
-        def bound(request: Any) -> None:
-            url = str(request.url)
-            if not url.startswith(prefix):
-                return
-            if (request.method, url) in unanswered:
-                raise HubUnreachableError(
-                    f"the Hub at {prefix} stopped answering ({request.method} {url} got no answer within "
-                    f"{limit:g} s): check the endpoint and the network, or raise the timeout (HubZoo(timeout=...), "
-                    f"--timeout or ${TIMEOUT_ENV})"
-                )
-            unanswered.add((request.method, url))
-            given = request.extensions.get("timeout") or {}
-            request.extensions["timeout"] = {
-                k: limit if given.get(k) is None else min(given[k], limit) for k in ("connect", "read", "write", "pool")
-            }
-
-        def answered(response: Any) -> None:
-            unanswered.discard((response.request.method, str(response.request.url)))
-
-        hooks["request"].append(bound)
-        hooks["response"].append(answered)
-        try:
-            yield
-        finally:
-            for kind, hook in (("request", bound), ("response", answered)):
-                with contextlib.suppress(ValueError):
-                    hooks[kind].remove(hook)
-
     @contextlib.contextmanager
     def _call(self, name: str | None, revision: str | None = None) -> Iterator[str]:
         """Probe, bound the timeouts, and translate every error of the block; yields the repo id of ``name``."""
         subject = name or "the Hub"
         try:
-            self._probe()
-            with self._bounded():
+            probe(self.url, self.timeout)
+            with bounded(self.url, self.timeout):
                 if name is not None:
                     subject = self.repo_id(name)
                 yield subject
         except Exception as err:  # noqa: BLE001 - translated
-            translated = self._translate(err, subject, revision)
+            translated = translate(err, self.url, self.timeout, subject, revision)
             if translated is err:
                 raise
             raise translated from err
