@@ -6,6 +6,14 @@ from identical inputs on every rank (a generator from :func:`seeded_generator`, 
 :func:`broadcast_tensor` it, or combine per-rank values with :func:`all_reduce`. Without an
 initialised process group every function is the single-process identity, so the same code runs
 on one process, under DDP, and under FSDP2 (``ModelParallelStrategy``).
+
+Why one file of about 500 lines: it is the one module allowed to name ``torch.distributed`` (a check flags any
+other file that does), and everything left here does: the process group queries, the collectives and their
+coalesced buckets, :class:`GradientReducer` (the asynchronous bucketed all-reduce of gradients),
+:func:`load_optimizer_state` (``torch.distributed.checkpoint``) and the FSDP2 helpers (``DTensor``,
+``fully_shard``). A package ``distributed/`` would break that rule's simple form. What does not talk to other ranks
+lives elsewhere: :func:`seeded_generator` and :func:`stable_seed` are :mod:`lightning_peft.seeding` (re-exported
+here).
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from lightning_peft.seeding import seeded_generator, stable_seed
 
 __all__ = [
     "GradientReducer",
@@ -44,7 +54,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-_MASK64 = (1 << 64) - 1
 
 
 def is_distributed() -> bool:
@@ -368,31 +377,6 @@ def unwrapped_class(module: torch.nn.Module) -> type:
     except ImportError:  # pragma: no cover - torch without FSDP2
         return type(module)
     return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
-
-
-def stable_seed(seed: int, step: int) -> int:
-    """A 63-bit seed mixed from ``(seed, step)`` with splitmix64: the same on every rank, machine and run."""
-    z = (seed * 0x9E3779B97F4A7C15 + step + 0x632BE59BD9B4E019) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) & ((1 << 63) - 1)
-
-
-def seeded_generator(seed: int, step: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A fresh ``torch.Generator`` seeded from ``(seed, step)``, for random choices all ranks must agree on.
-
-    Every rank that asks for the same ``(seed, step)`` draws the same numbers, with no communication,
-    and a resumed run draws what the uninterrupted run would have drawn. The global RNG is untouched.
-
-    Example:
-        >>> a = torch.randperm(10, generator=seeded_generator(0, 5))
-        >>> b = torch.randperm(10, generator=seeded_generator(0, 5))
-        >>> bool((a == b).all())
-        True
-    """
-    gen = torch.Generator(device=device)
-    gen.manual_seed(stable_seed(seed, step))
-    return gen
 
 
 # ------------------------------------------------------------------------------------------------ FSDP2
