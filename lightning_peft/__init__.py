@@ -27,6 +27,7 @@ _LAZY = {
     "LISA": "lightning_peft.callbacks",
     "ID3": "lightning_peft.callbacks",
     "SaRA": "lightning_peft.callbacks",
+    "SSF": "lightning_peft.callbacks",
     "SelectiveDDPStrategy": "lightning_peft.strategies",
     "shard": "lightning_peft.distributed",
     "ZooPublisher": "lightning_peft.callbacks",

@@ -51,6 +51,7 @@ from lightning_peft._deps import require
 from lightning_peft.adapters import adapter_layers, load_adapter, read_adapter_config, remove_adapters
 from lightning_peft.adapters.serialization import read_json
 from lightning_peft.adapters.sparse import remove_sparse, sparse_layers
+from lightning_peft.adapters.ssf import remove_ssf, ssf_layers
 from lightning_peft.fileio import staged_dir
 
 __all__ = ["FORMATS", "export", "load_base", "merged_model", "native_format", "save_native"]
@@ -223,6 +224,8 @@ def _merge(model: nn.Module) -> nn.Module:
         remove_adapters(model, merge=True)
     if any(True for _ in sparse_layers(model)):
         remove_sparse(model, merge=True)
+    if any(True for _ in ssf_layers(model)):
+        remove_ssf(model, merge=True)  # scale and shift folded into the preceding layer
     return model
 
 
@@ -257,7 +260,7 @@ def save_native(model: nn.Module, out_dir: str | os.PathLike, format: Format = "
         ValueError: ``model`` still has adapter layers, or it cannot be written in ``format`` (e.g. a timm model
             not built by ``timm.create_model``, whose architecture timm could not rebuild).
     """
-    if any(True for _ in adapter_layers(model)) or any(True for _ in sparse_layers(model)):
+    if any(True for _ in adapter_layers(model)) or any(True for _ in sparse_layers(model)) or any(ssf_layers(model)):
         raise ValueError("save_native writes a plain model; merge the adapters first (merged_model / export)")
     if format not in FORMATS or format in _UNMERGED:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")

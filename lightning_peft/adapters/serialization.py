@@ -29,6 +29,7 @@ from torch import nn
 from lightning_peft.adapters.delta import is_delta_config, load_delta
 from lightning_peft.adapters.inject import adapter_layers, inject_adapters, remove_adapters
 from lightning_peft.adapters.lora import LoRAConfig
+from lightning_peft.adapters.ssf import is_ssf_config, load_ssf
 from lightning_peft.adapters.svd import AdaLoRAConfig, SVDLoRALayer
 from lightning_peft.fileio import staged_dir
 
@@ -259,7 +260,8 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
 def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> LoRAConfig | None:
     """Load an adapter saved by :func:`save_adapter` (or by peft, for LoRA) into ``model``, in place.
 
-    A weight-delta adapter (LISA, ID³, SaRA; see :mod:`.delta`) is applied to the base tensors instead.
+    A weight-delta adapter (LISA, ID³, SaRA; see :mod:`.delta`) is applied to the base tensors instead; an SSF
+    adapter (:mod:`.ssf`) gets its scale/shift layers.
     If ``model`` has no LoRA layers yet, they are injected first from ``adapter_config.json``. Every
     check runs before any weight is copied: a file that does not fit leaves the model unchanged.
 
@@ -282,6 +284,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     cfg = read_json(config_file) if config_file.is_file() else None
     if cfg is not None and is_delta_config(cfg):
         load_delta(model, tensors, cfg)  # a weight delta (LISA, ID³, SaRA): applied to the base tensors
+        return None
+    if cfg is not None and is_ssf_config(cfg):
+        load_ssf(model, tensors, cfg)  # SSF scale/shift layers (lightning_peft.adapters.ssf)
         return None
     injected: LoRAConfig | None = None
     modules_to_save: list[str] = []

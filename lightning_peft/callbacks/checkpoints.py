@@ -171,7 +171,9 @@ def check_loadable(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
     own = module.state_dict()
     found = checkpoint.get(RECORD)
     record: dict[str, Any] = found if isinstance(found, dict) else {}
-    method_keys = [k for k in state if k not in own and (".base_layer." in k or ".lora_" in k or ".sparse_" in k)]
+    method_keys = [
+        k for k in state if k not in own and (".base_layer." in k or ".lora_" in k or ".sparse_" in k or ".ssf_" in k)
+    ]
     left_out = [k for k in record.get("left_out", []) if k not in state]
     if not method_keys and not left_out:
         return

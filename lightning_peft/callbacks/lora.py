@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from lightning_peft.adapters import (
     write_adapter,
 )
 from lightning_peft.adapters.lora import InitKind
+from lightning_peft.backbones import Preset
 from lightning_peft.callbacks.backbone import resolve_backbone
 from lightning_peft.callbacks.base import MethodCallback, restorer
 from lightning_peft.zoo.entry import fingerprint
@@ -129,29 +131,50 @@ class LoRA(MethodCallback):
                     f"{type(self).__name__}: no preset knows {type(root).__name__}, so target_modules must be given "
                     "(a regex, a list of module names/suffixes, or 'all-linear')"
                 )
-            config = dataclasses.replace(config, target_modules=list(preset.target_modules))
+            config = dataclasses.replace(config, target_modules=list(self._preset_targets(preset)))
         settings = self.settings(config)
-        present = any(True for _ in adapter_layers(root))
-        if self.reuse_setup(root, settings, present, "LoRA layers") is not None:  # a second fit/validate
+        present = any(True for _ in self._method_layers(root))
+        if self.reuse_setup(root, settings, present, self.layers_what) is not None:  # a second fit/validate
             self.config = config
-            self.adapted = [name for name, _ in adapter_layers(root)]
+            self.adapted = [name for name, _ in self._method_layers(root)]
             return
-        undo = restorer(root, lambda: remove_adapters(root))
-        self.adapted = inject_adapters(root, config)
+        undo = restorer(root, lambda: self._remove(root))
+        self.adapted = self._inject(root, config)
         self.config = config
         self.record_setup(root, settings, undo)
         # Every rank starts from rank 0's adapter init. DDP would broadcast it when wrapping the model, but
         # FSDP2 keeps each rank's own shard of its own init; this makes the start independent of the strategy.
-        for _, layer in adapter_layers(root):
+        for _, layer in self._method_layers(root):
             for param in layer.parameters(recurse=False):
                 distributed.broadcast_tensor(param.data)
         trainable, total = count_parameters(root)
         where = self.backbone_path or type(pl_module).__name__
         rank_zero_info(
             f"{type(self).__name__}: adapted {len(self.adapted)} layers of {where} "
-            f"(r={config.r}, alpha={config.alpha:g}); "
+            f"({self._describe(config)}); "
             f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
         )
+
+    # the adapter kind, for subclasses that inject other layers through the same shell (SSF)
+    layers_what = "LoRA layers"
+
+    def _preset_targets(self, preset: Preset) -> tuple[str, ...]:
+        return preset.target_modules
+
+    def _method_layers(self, root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        return adapter_layers(root)
+
+    def _inject(self, root: nn.Module, config: Any) -> list[str]:
+        return inject_adapters(root, config)
+
+    def _remove(self, root: nn.Module) -> None:
+        remove_adapters(root)
+
+    def _describe(self, config: Any) -> str:
+        return f"r={config.r}, alpha={config.alpha:g}"
+
+    def _logged_hyperparameters(self) -> dict[str, Any]:
+        return {"peft/r": self.config.r, "peft/alpha": self.config.alpha}
 
     def settings(self, config: LoRAConfig) -> dict[str, Any]:
         """What decides the adapters this callback injects (targets resolved), to tell a reusable setup apart."""
@@ -167,9 +190,7 @@ class LoRA(MethodCallback):
             "peft/adapted_layers": len(self.adapted),
         }
         for logger in trainer.loggers:
-            logger.log_hyperparams(
-                {"peft/method": self.method, "peft/r": self.config.r, "peft/alpha": self.config.alpha}
-            )
+            logger.log_hyperparams({"peft/method": self.method, **self._logged_hyperparameters()})
             logger.log_metrics({k: float(v) for k, v in stats.items()}, step=trainer.global_step)
 
     @override

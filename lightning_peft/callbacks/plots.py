@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lightning_peft.fileio import staged_file
 
-__all__ = ["plot_density", "plot_layer_counts", "plot_ranks", "rank_grid"]
+__all__ = ["plot_density", "plot_layer_counts", "plot_ranks", "plot_ssf", "rank_grid"]
 
 
 def rank_grid(ranks: Mapping[str, float]) -> tuple[list[str], list[int], list[list[float]]]:
@@ -142,4 +142,25 @@ def plot_density(density: dict[str, float], title: str, path: str | os.PathLike)
                     j, i, f"{value:.1f}", ha="center", va="center", color="w" if value < top / 2 else "k", fontsize=7
                 )
     fig.colorbar(image, ax=ax, fraction=0.046, label="% of entries trained")
+    return _save(fig, path)
+
+
+def plot_ssf(scale_change: dict[str, float], shift: dict[str, float], path: str | os.PathLike) -> Path:
+    """SSF: how far each layer's learned scale moved from 1 and its shift from 0 (mean absolute value per layer,
+    module kind x block), two heatmaps side by side, as a PNG."""
+    plt = _pyplot()
+    panels = [(scale_change, "mean |scale - 1|"), (shift, "mean |shift|")]
+    kinds, blocks, _ = rank_grid(scale_change)
+    fig, axes = plt.subplots(
+        1, 2, figsize=(2 * (2.5 + 0.5 * len(blocks)) + 0.1 * max(map(len, kinds), default=0), 1.4 + 0.4 * len(kinds))
+    )
+    for ax, (values, title) in zip(axes, panels, strict=True):
+        kinds, blocks, grid = rank_grid(values)
+        top = max((v for row in grid for v in row if v == v), default=1.0)
+        image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(top, 1e-12), aspect="auto")
+        ax.set_xticks(range(len(blocks)), [str(b) for b in blocks])
+        ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
+        ax.set_xlabel("block")
+        ax.set_title(f"SSF: {title}", fontsize=10)
+        fig.colorbar(image, ax=ax, fraction=0.046)
     return _save(fig, path)

@@ -100,7 +100,7 @@ def _base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in model.state_dict().items():
         leaf = name.rsplit(".", 1)[-1]
-        if leaf.startswith("lora_") or ".lora_" in name:
+        if leaf.startswith(("lora_", "ssf_")) or ".lora_" in name:
             continue
         out[name.replace(".base_layer.", ".")] = tensor
     return out

@@ -1,8 +1,9 @@
-"""2-process CPU DDP fit with the LoRA callback; each rank writes its adapter tensors for the test to compare.
+"""2-process CPU DDP fit with the LoRA (or SSF) callback; each rank writes its trained tensors for the test.
 
-Run as ``python tests/scripts/ddp_lora.py OUT_DIR``; Lightning's ``ddp`` strategy relaunches this
-script for rank 1. Each rank seeds differently before injection, so equal results prove the
-strategy synchronised the adapters rather than both ranks happening to start equal.
+Run as ``python tests/scripts/ddp_lora.py OUT_DIR [lora|ssf]`` (plain ``ddp`` for both: a static trainable
+set); Lightning's ``ddp`` strategy relaunches this script for rank 1. Each rank seeds differently before
+injection, so equal results prove the strategy synchronised the adapters rather than both ranks happening
+to start equal.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lit_helpers import FamilyModule, end_ranks, quiet_trainer  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from lightning_peft import LoRA, ZooPublisher  # noqa: E402
+from lightning_peft import SSF, LoRA, ZooPublisher  # noqa: E402
 
 
 class Record(Callback):
@@ -34,18 +35,25 @@ class Record(Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         rank = trainer.global_rank
-        state = {k: v.detach().contiguous() for k, v in pl_module.state_dict().items() if ".lora_" in k or "head" in k}
+        state = {
+            k: v.detach().contiguous()
+            for k, v in pl_module.state_dict().items()
+            if ".lora_" in k or ".ssf_" in k or "head" in k
+        }
         save_file(state, str(self.out / f"rank{rank}.safetensors"))
         (self.out / f"rank{rank}.json").write_text(json.dumps({"seeds": self.seeds, "step": trainer.global_step}))
 
 
 def main() -> None:
     out = Path(sys.argv[1])
+    method = sys.argv[2] if len(sys.argv) > 2 else "lora"
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(int(os.environ.get("LOCAL_RANK", "0")))  # different adapter init on each rank
     module = FamilyModule("vit", n_batches=8, lr=5e-2)
     callbacks = [
-        LoRA(r=4, alpha=8, init="nonzero", modules_to_save=["head"], save_dir=str(out / "adapter")),
+        SSF(init="normal", modules_to_save=["head"], save_dir=str(out / "adapter"))
+        if method == "ssf"
+        else LoRA(r=4, alpha=8, init="nonzero", modules_to_save=["head"], save_dir=str(out / "adapter")),
         ZooPublisher(name="ddp-vit", root=str(out / "zoo"), base_model="tiny-vit"),
         Record(out),
     ]
