@@ -88,6 +88,7 @@ def test_there_are_examples_for_every_family() -> None:
     assert {
         "vit_lora",
         "vit_adalora",
+        "vit_ssf",
         "unet_lora",
         "dit_lora",
         "audio_adalora",
