@@ -73,7 +73,7 @@ class AdapterCheckpoints(Callback):
         if len(methods) != 1:
             found = ", ".join(type(m).__name__ for m in methods) or "none"
             raise ValueError(
-                "AdapterCheckpoints keeps what one method trains: put exactly one method callback (LoRA, AdaLoRA, "
+                "AdapterCheckpoints keeps what one method trains: put exactly one method callback (LoRA, AdaLoRA, SSF, "
                 f"LISA, ID3, SaRA) in the trainer beside it; found {found}"
             )
         self.method = methods[0]
