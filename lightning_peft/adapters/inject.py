@@ -8,7 +8,7 @@ original module objects.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from torch import nn
@@ -120,13 +120,22 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> list[str]:
     """
     if merge:
         _check_merge(model)
+    return unwrap_layers(model, adapter_layers(model), merge)
+
+
+def unwrap_layers(model: nn.Module, layers: Iterable[tuple[str, nn.Module]], merge: bool) -> list[str]:
+    """Put each wrapping layer's ``base_layer`` back in its place, merged into it first (``merge``) or not; the names.
+
+    Shared by LoRA's :func:`remove_adapters` and SSF's ``remove_ssf``: any layer with ``merge``/``unmerge`` and a
+    ``base_layer``.
+    """
     names = []
-    for name, layer in list(adapter_layers(model)):
+    for name, layer in list(layers):
         if merge:
-            layer.merge()
+            layer.merge()  # type: ignore[operator]
         else:
-            layer.unmerge()
-        _set_submodule(model, name, layer.base_layer)
+            layer.unmerge()  # type: ignore[operator]
+        _set_submodule(model, name, layer.base_layer)  # type: ignore[arg-type]
         names.append(name)
     return names
 

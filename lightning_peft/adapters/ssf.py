@@ -48,7 +48,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_peft.adapters.inject import _check_modules_to_save, _set_submodule
+from lightning_peft.adapters.inject import _check_modules_to_save, _set_submodule, unwrap_layers
 from lightning_peft.adapters.quantized import quantization_of
 from lightning_peft.adapters.targeting import is_conv1d, match_targets
 from lightning_peft.fileio import staged_dir
@@ -312,15 +312,7 @@ def mark_ssf_trainable(model: nn.Module, modules_to_save: list[str] | tuple[str,
 
 def remove_ssf(model: nn.Module, merge: bool = False) -> list[str]:
     """Replace every SSF layer by its base layer, merging scale and shift into it first when ``merge``."""
-    names = []
-    for name, layer in list(ssf_layers(model)):
-        if merge:
-            layer.merge()
-        else:
-            layer.unmerge()
-        _set_submodule(model, name, layer.base_layer)
-        names.append(name)
-    return names
+    return unwrap_layers(model, ssf_layers(model), merge)
 
 
 def merge_ssf(model: nn.Module) -> None:
