@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from lightning_peft.adapters.lora import LoRAConfig, LoRALayer
@@ -50,6 +51,23 @@ def _check_modules_to_save(model: nn.Module, names: list[str]) -> None:
         raise ValueError(
             f"modules_to_save {missing} not found in {type(model).__name__}; top-level modules are: {tops}"
         )
+
+
+def modules_to_save_tensors(
+    model: nn.Module, modules_to_save: list[str] | tuple[str, ...], prefix: str, adapter_prefix: str
+) -> dict[str, torch.Tensor]:
+    """The full parameters of ``modules_to_save`` (detached), named ``<prefix><module>.<param>``.
+
+    A wrapped layer's base weights (``base_layer.``) and its adapter tensors (named with ``adapter_prefix``, e.g.
+    ``lora_``) are the adapter's own and left out. Shared by the LoRA/AdaLoRA and SSF savers.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for module_name in modules_to_save:
+        for pname, param in model.get_submodule(module_name).named_parameters():
+            if ".base_layer." in f".{pname}" or f".{adapter_prefix}" in f".{pname}":
+                continue
+            out[f"{prefix}{module_name}.{pname}"] = param.detach()
+    return out
 
 
 def inject_adapters(model: nn.Module, config: LoRAConfig, freeze: bool = True) -> list[str]:

@@ -27,7 +27,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lightning_peft.adapters.delta import is_delta_config, load_delta
-from lightning_peft.adapters.inject import adapter_layers, inject_adapters, remove_adapters
+from lightning_peft.adapters.inject import (
+    adapter_layers,
+    inject_adapters,
+    modules_to_save_tensors,
+    remove_adapters,
+)
 from lightning_peft.adapters.lora import LoRAConfig
 from lightning_peft.adapters.ssf import is_ssf_config, load_ssf
 from lightning_peft.adapters.svd import AdaLoRAConfig, SVDLoRALayer
@@ -71,11 +76,7 @@ def adapter_state_dict(model: nn.Module, modules_to_save: list[str] | tuple[str,
             continue
         out[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
         out[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
-    for module_name in modules_to_save:
-        for pname, param in model.get_submodule(module_name).named_parameters():
-            if ".base_layer." in f".{pname}" or ".lora_" in f".{pname}":
-                continue
-            out[f"{_PREFIX}{module_name}.{pname}"] = param.detach()
+    out.update(modules_to_save_tensors(model, modules_to_save, _PREFIX, "lora_"))
     return out
 
 

@@ -1,12 +1,12 @@
-"""``SparseDeltaLayer`` and its autograd tap: a module whose selected parameters train a merged-in-place sparse delta.
+"""``SparseDeltaLayer``: a module whose selected parameters train a merged-in-place sparse delta.
 
-One class with its gradient tap, forward, lazy merge, selection (``add`` / ``retire``) and checkpoint loading;
-they share the layer's bookkeeping buffers, so the file is longer than the others of the package.
+The layer in three parts: its entries (:mod:`.entries`: buffers, ``add`` / ``retire``), its gradient path
+(:mod:`.tap`: the autograd tap and the grad hook's sum over uses), and here what joins them to the wrapped
+module: weight access (FSDP2-aware), forward, the lazy merge and checkpoint loading.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,55 +15,22 @@ from torch import nn
 from torch.func import functional_call
 
 from lightning_peft.adapters.sparse.bank import SparseDeltaBank
+from lightning_peft.adapters.sparse.entries import SparseEntries
 from lightning_peft.adapters.sparse.shards import (
     _FIELDS,
     _is_dtensor,
     _no_dtensor,
     _pack_when_sharded,
     _read_entries,
-    _sample,
     _unpack,
     _write_entries,
 )
+from lightning_peft.adapters.sparse.tap import GradHook, GradHookSum, _SparseTap
 from lightning_peft.adapters.targeting import is_conv1d
 
-GradHook = Callable[["SparseDeltaLayer", str, torch.Tensor], None]
+__all__ = ["GradHook", "SparseDeltaLayer"]
 
 
-# ------------------------------------------------------------------------------------------------ tap
-@torch.no_grad()
-def _accumulate(values: torch.Tensor, slots: torch.Tensor, picked: torch.Tensor) -> None:
-    """``values.grad[slots] += picked``, creating ``values.grad`` (zeros) on the first use after it was cleared."""
-    if values.grad is None:
-        values.grad = torch.zeros_like(values)
-    if slots.numel():
-        values.grad.index_add_(0, slots, picked.to(values.grad.dtype))
-
-
-class _SparseTap(torch.autograd.Function):
-    """Forward: ``W`` itself (a view). Backward: the dense gradient of ``W`` at the active positions, added into the
-    bank's gradient.
-
-    The bank's gradient is accumulated here, into ``values.grad`` directly (O(active entries) per layer), and not
-    returned to autograd: autograd would build a bank-sized zero gradient for every layer and add them all up
-    (measured: 202 layers x 1.78 M slots took 218 ms of a step, against 4 ms this way). ``values`` is an input only
-    so that the tap's backward runs.
-    """
-
-    @staticmethod
-    def forward(ctx, weight, values, positions, slots, layer, name):  # type: ignore[override]
-        ctx.values, ctx.positions, ctx.slots, ctx.layer, ctx.name = values, positions, slots, layer, name
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        if ctx.layer.grad_hook is not None:
-            ctx.layer._hook_grad(ctx.name, grad)
-        _accumulate(ctx.values, ctx.slots, grad.reshape(-1).index_select(0, ctx.positions))
-        return None, None, None, None, None, None
-
-
-# ------------------------------------------------------------------------------------------------ layer
 def _check_params(module: nn.Module, param_names: tuple[str, ...] | list[str], where: str) -> tuple[str, ...]:
     if isinstance(param_names, str) or not param_names:
         raise ValueError(f"{where}: give a non-empty tuple of parameter names, e.g. ('weight',), got {param_names!r}")
@@ -87,11 +54,6 @@ def _check_params(module: nn.Module, param_names: tuple[str, ...] | list[str], w
     return names
 
 
-def _index_dtype(size: int) -> torch.dtype:
-    """int32 for positions into (or slots of) a tensor small enough, else int64: 4 bytes per entry saved."""
-    return torch.int32 if size <= torch.iinfo(torch.int32).max else torch.long
-
-
 def _fast_kind(module: nn.Module) -> str | None:
     cls = type(module)
     if cls is nn.Linear:
@@ -103,7 +65,7 @@ def _fast_kind(module: nn.Module) -> str | None:
     return None
 
 
-class SparseDeltaLayer(nn.Module):
+class SparseDeltaLayer(SparseEntries, GradHookSum, nn.Module):
     """A module whose selected parameters train a sparse, merged-in-place delta held in a shared bank.
 
     The wrapped module keeps its parameters (frozen) under ``base_layer``. Entries join with
@@ -167,19 +129,7 @@ class SparseDeltaLayer(nn.Module):
             param.requires_grad_(False)
         self._all_active: dict[str, bool] = {}
         for name in names:
-            weight = self._weight(name)
-            device = weight.device
-            positions = torch.empty(0, dtype=_index_dtype(weight.numel()), device=device)
-            slots = torch.empty(0, dtype=_index_dtype(bank.capacity), device=device)
-            base = torch.empty(0, dtype=weight.dtype, device=device)
-            self.register_buffer(f"sparse_{name}_indices", positions)
-            self.register_buffer(f"sparse_{name}_base", base)
-            self.register_buffer(f"sparse_{name}_frozen", torch.empty(0, dtype=torch.float32, device=device))
-            self.register_buffer(f"sparse_{name}_slots", slots)
-            self.register_buffer(f"sparse_{name}_active_indices", positions.clone(), persistent=False)
-            self.register_buffer(f"sparse_{name}_active_slots", slots.clone(), persistent=False)
-            self.register_buffer(f"sparse_{name}_active_base", base.clone(), persistent=False)
-            self._all_active[name] = True
+            self._register_entries(name, bank.capacity)
 
     # ------------------------------------------------------------------------------------- access
     def __getattr__(self, name: str) -> Any:
@@ -233,46 +183,6 @@ class SparseDeltaLayer(nn.Module):
         """The weight's current values at flat ``positions`` (under FSDP2 gathered from their owners)."""
         return _read_entries(self._weight(name), positions)
 
-    def _buf(self, name: str, field: str) -> torch.Tensor:
-        return self._buffers[f"sparse_{name}_{field}"]  # type: ignore[return-value]
-
-    def _set(self, name: str, field: str, value: torch.Tensor) -> None:
-        self._buffers[f"sparse_{name}_{field}"] = value
-
-    def _check_name(self, name: str) -> None:
-        if name not in self.param_names:
-            raise ValueError(f"{name!r} takes no sparse delta here; this layer's parameters are {self.param_names}")
-
-    def indices(self, name: str) -> torch.Tensor:
-        """Flat positions (int64) of every entry of ``name`` ever selected (active or retired), in insertion order.
-
-        The layer keeps them as int32 where the tensor has fewer than 2**31 elements; this is an int64 copy.
-        """
-        self._check_name(name)
-        return self._buf(name, "indices").long()
-
-    def active_indices(self, name: str) -> torch.Tensor:
-        """Flat positions (int64, a copy) of the active entries of ``name``."""
-        self._check_name(name)
-        return self._active(name, "indices").long()
-
-    def active_slots(self, name: str) -> torch.Tensor:
-        """Bank slots (int64, a copy) of the active entries of ``name`` (aligned with :meth:`active_indices`)."""
-        self._check_name(name)
-        return self._active(name, "slots").long()
-
-    def active_count(self) -> int:
-        """Number of active (trained) entries over all selected parameters."""
-        return sum(self._active(n, "slots").numel() for n in self.param_names)
-
-    def selected_count(self) -> int:
-        """Number of entries ever selected (active or retired)."""
-        return sum(self._buf(n, "indices").numel() for n in self.param_names)
-
-    def density(self) -> float:
-        """Active entries over the number of elements of the selected parameters."""
-        return self.active_count() / sum(self._weight(n).numel() for n in self.param_names)
-
     # ------------------------------------------------------------------------------------- forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.merged:
@@ -298,28 +208,6 @@ class SparseDeltaLayer(nn.Module):
         if not overrides:
             return self.base_layer(*args, **kwargs)
         return self._call(overrides, args, kwargs)
-
-    @torch.no_grad()
-    def _hook_grad(self, name: str, grad: torch.Tensor) -> None:
-        """One use's gradient of ``name`` arrived: call :attr:`grad_hook` with the sum once every use's has."""
-        left = self._uses.get(name, 1) - 1
-        partial = self._partial.pop(name, None)
-        total = grad if partial is None else partial.add_(grad)
-        if left > 0:
-            self._uses[name] = left
-            self._partial[name] = total if partial is not None else grad.detach().clone()
-            return
-        self._uses.pop(name, None)
-        if self.grad_hook is not None:
-            self.grad_hook(self, name, total)
-
-    @torch.no_grad()
-    def flush_grad_hook(self) -> None:
-        """Call :attr:`grad_hook` with the partial sums of uses whose backward never came, and forget the uses."""
-        partial, self._partial, self._uses = self._partial, {}, {}
-        if self.grad_hook is not None:
-            for name, total in partial.items():
-                self.grad_hook(self, name, total)
 
     def _call(self, overrides: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
         base = self.base_layer
@@ -348,17 +236,6 @@ class SparseDeltaLayer(nn.Module):
             eff = self._active(name, "base").float() + values.index_select(0, self._active(name, "slots"))
             self._write(name, positions, eff)
         self._synced_version = values._version
-
-    @torch.no_grad()
-    def _effective(self, name: str) -> torch.Tensor:
-        """``frozen + bank value`` of every selected entry of ``name`` (float32, insertion order)."""
-        frozen = self._buf(name, "frozen")
-        slots = self._buf(name, "slots")
-        delta = frozen.clone() if frozen.numel() else torch.zeros(slots.numel(), device=slots.device)
-        active = slots >= 0
-        if bool(active.any()):
-            delta[active] += self.bank.values[slots[active]].float()
-        return delta
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -394,159 +271,6 @@ class SparseDeltaLayer(nn.Module):
         self._synced_version = None
 
     # ------------------------------------------------------------------------------------- selection
-    def _active(self, name: str, field: str) -> torch.Tensor:
-        """``indices``, ``slots`` or ``base`` of the active entries of ``name`` (the buffers if none retired)."""
-        return self._buf(name, field if self._all_active[name] else f"active_{field}")
-
-    def _refresh(self, name: str) -> None:
-        slots = self._buf(name, "slots")
-        active = slots >= 0
-        self._all_active[name] = bool(active.all())
-        for field in ("indices", "slots", "base"):  # copies only while some entry is retired
-            full = self._buf(name, field)
-            self._set(name, f"active_{field}", full[:0] if self._all_active[name] else full[active])
-        self._synced_version = None
-
-    def _frozen(self, name: str) -> torch.Tensor:
-        """The ``frozen`` buffer of ``name`` at full length: it is kept empty (all zero) until an entry retires."""
-        frozen = self._buf(name, "frozen")
-        if frozen.numel() != self._buf(name, "indices").numel():
-            frozen = torch.zeros(self._buf(name, "indices").numel(), dtype=torch.float32, device=frozen.device)
-            self._set(name, "frozen", frozen)
-        return frozen
-
-    def _locate(self, name: str, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(found, position in the buffers)`` of each flat index in ``wanted`` (position is junk where not found)."""
-        indices = self._buf(name, "indices")
-        if indices.numel() == 0:
-            return torch.zeros_like(wanted, dtype=torch.bool), torch.zeros_like(wanted)
-        ordered, order = indices.sort()
-        at = torch.searchsorted(ordered, wanted.to(ordered.dtype)).clamp_(max=indices.numel() - 1)
-        return ordered[at] == wanted, order[at]
-
-    def _lookup(self, name: str, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(selected before, position in the buffers, active now)`` of each flat index (position junk where new)."""
-        found, pos = self._locate(name, flat)
-        active = found.clone()
-        active[found] = self._buf(name, "slots")[pos[found]] >= 0
-        return found, pos, active
-
-    def _validate(self, name: str, flat: torch.Tensor, what: str) -> torch.Tensor:
-        self._check_name(name)
-        weight = self._weight(name)
-        if not isinstance(flat, torch.Tensor) or flat.dtype != torch.long or flat.dim() != 1:
-            got = f"{flat.dtype}, shape {tuple(flat.shape)}" if isinstance(flat, torch.Tensor) else type(flat).__name__
-            raise ValueError(f"{what}: indices must be a 1-D int64 tensor of flat positions, got {got}")
-        flat = flat.to(weight.device)
-        if flat.numel():
-            low, high = int(flat.min()), int(flat.max())
-            if low < 0 or high >= weight.numel():
-                raise ValueError(
-                    f"{what}: flat indices must be in [0, {weight.numel()}) for {name} of shape "
-                    f"{tuple(weight.shape)}, got values from {low} to {high}"
-                )
-            increasing = flat.numel() < 2 or bool((flat[1:] > flat[:-1]).all())  # sorted input needs no sort
-            if not increasing and flat.unique().numel() != flat.numel():
-                raise ValueError(f"{what}: indices repeat; pass each flat position once")
-        return flat
-
-    @torch.no_grad()
-    def add(self, name: str, indices: torch.Tensor) -> torch.Tensor:
-        """Start training the entries at ``indices`` (flat positions into parameter ``name``).
-
-        A new entry gets a bank slot with value 0 and remembers the weight's current (pretrained) value as its
-        base. An entry that was retired resumes from what it had learned: its frozen delta moves into the slot.
-        Nothing changes if an error is raised.
-
-        Args:
-            name: a parameter of this layer's ``param_names``.
-            indices: 1-D int64 flat positions, unique, none of them active.
-
-        Returns:
-            The bank slots of the entries, in the order of ``indices``.
-
-        Raises:
-            ValueError: bad indices (type, range, repeats, already active), an unknown name, or a full bank.
-
-        Under FSDP2 the pretrained values of new entries come from the ranks that hold them (a collective: call
-        it on every rank with the same indices).
-        """
-        what = f"add({name!r})"
-        flat = self._validate(name, indices, what)
-        if flat.numel() == 0:
-            return torch.empty(0, dtype=torch.long, device=flat.device)
-        found, pos, already = self._lookup(name, flat)
-        slots_buf = self._buf(name, "slots")
-        if bool(already.any()):
-            raise ValueError(f"{what}: {int(already.sum())} entries are already active, e.g. {_sample(flat[already])}")
-        slots = self.bank.allocate(flat.numel())  # raises, changing nothing, when the bank is full
-        values = self.bank.values
-        weight = self._weight(name)
-        # re-activated entries: their learned delta moves from `frozen` into the bank; W already holds it
-        old_pos = pos[found]
-        if old_pos.numel():
-            frozen = self._frozen(name)
-            values.index_copy_(0, slots[found], frozen[old_pos].to(values.dtype))
-            frozen[old_pos] = 0.0
-            slots_buf[old_pos] = slots[found].to(slots_buf.dtype)
-        new = ~found
-        if bool(new.any()):
-            fresh = flat[new]
-            indices = self._buf(name, "indices")
-            self._set(name, "indices", torch.cat([indices, fresh.to(indices.dtype)]))
-            self._set(name, "base", torch.cat([self._buf(name, "base"), self._read(name, fresh)]))
-            frozen = self._buf(name, "frozen")
-            if frozen.numel():  # kept empty (all zero) until some entry retires
-                zeros = torch.zeros(fresh.numel(), dtype=torch.float32, device=weight.device)
-                self._set(name, "frozen", torch.cat([frozen, zeros]))
-            self._set(name, "slots", torch.cat([slots_buf, slots[new].to(slots_buf.dtype)]))
-        self._refresh(name)
-        return slots
-
-    @torch.no_grad()
-    def retire(self, name: str, indices: torch.Tensor) -> torch.Tensor:
-        """Stop training the entries at ``indices``; what they learned stays in the weight and in :meth:`delta`.
-
-        Args:
-            name: a parameter of this layer's ``param_names``.
-            indices: 1-D int64 flat positions of active entries.
-
-        Returns:
-            The freed bank slots: pass them to :func:`reset_optimizer_slots` so their optimizer state is cleared.
-
-        Raises:
-            ValueError: bad indices or entries that are not active.
-        """
-        what = f"retire({name!r})"
-        flat = self._validate(name, indices, what)
-        if flat.numel() == 0:
-            return torch.empty(0, dtype=torch.long, device=flat.device)
-        _, pos, active = self._lookup(name, flat)
-        slots_buf = self._buf(name, "slots")
-        inactive = ~active
-        if bool(inactive.any()):
-            raise ValueError(f"{what}: {int(inactive.sum())} entries are not active, e.g. {_sample(flat[inactive])}")
-        slots = slots_buf[pos].long()
-        frozen = self._frozen(name)
-        frozen[pos] = self.bank.values[slots].float()
-        slots_buf[pos] = -1
-        if self.merged:  # the weight may not have seen the last optimizer step yet
-            self._write(name, flat, self._buf(name, "base")[pos].float() + frozen[pos])
-        self.bank.release(slots)
-        self._refresh(name)
-        return slots
-
-    @torch.no_grad()
-    def delta(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(indices, values)``: every entry of ``name`` ever selected and its learned delta from the pretrained value.
-
-        Indices are int64 and sorted; values are float32 (``frozen + bank value``).
-        """
-        self._check_name(name)
-        indices = self._buf(name, "indices")
-        order = indices.argsort()
-        return indices[order].long(), self._effective(name)[order]
-
     # ------------------------------------------------------------------------------------- checkpoint
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         # The selection grows during training, so a checkpoint's buffers are larger than a fresh layer's: take the

@@ -1,73 +1,24 @@
-"""SSF (Scale and Shift Features, Lian et al., NeurIPS 2022): a learned per-channel scale and shift after a layer.
+"""SSF's layer and its placement: :class:`SSFLayer` (``y = scale * base(x) + shift``), injection, merge, removal.
 
-An :class:`SSFLayer` wraps a frozen ``nn.Linear``, ``nn.Conv2d``, transformers ``Conv1D`` or ``nn.LayerNorm`` (kept as
-``base_layer``, as a LoRA layer keeps its base) and returns ``y = ssf_scale * base(x) + ssf_shift`` over the output
-channels: the last dimension for Linear / Conv1D / LayerNorm outputs, dimension 1 for a Conv2d's ``(B, C, H, W)``.
-Merging folds it into the base layer, so the exported model costs nothing more at inference::
-
-    W' = diag(scale) W        b' = scale * b + shift        (LayerNorm: weight' = scale * w, bias' = scale * b + shift)
-
-Deliberate deviations from the reference code (``dongzelian/SSF``, ``models/vision_transformer.py``:
-``init_ssf_scale_shift`` and ``ssf_ada``):
-
-* the channel dimension is fixed by the layer kind, not guessed from shapes (``ssf_ada`` takes the last dimension
-  when its size equals the channel count, else dimension 1, which is ambiguous for a tensor whose last dimension
-  happens to equal the channel count);
-* the default init is the identity (scale 1, shift 0: the model starts exactly as the base); ``init="normal"`` is the
-  reference's ``N(1, 0.02)`` / ``N(0, 0.02)``;
-* a base layer without a bias (``bias=False``) or a LayerNorm without ``elementwise_affine`` is refused: the shift
-  (or the scale) would have nowhere to be merged into without adding a tensor the plain model does not have;
-* SSF parameters take the base layer's dtype (no float32 autocast as LoRA's); quantized bases are refused (a merge
-  would have to re-quantize).
-
-Saved (:func:`write_ssf`) like a LoRA adapter: ``adapter_model.safetensors`` with ``base_model.model.<layer>.ssf_scale``
-/ ``.ssf_shift`` (and ``modules_to_save`` in full) and an ``adapter_config.json`` with ``"peft_type":
-"LIGHTNING_PEFT_SSF"`` (peft has no SSF: it refuses the file rather than load it wrongly).
-:func:`lightning_peft.adapters.load_adapter` reads it back onto a plain base.
-
-Example:
-    >>> from torch import nn
-    >>> net = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
-    >>> inject_ssf(net, SSFConfig(target_modules=["0", "1"]))
-    ['0', '1']
-    >>> sum(p.numel() for p in net.parameters() if p.requires_grad)
-    16
+See :mod:`lightning_peft.adapters.ssf` for the method, the formulas and the deviations from the reference.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from lightning_peft.adapters.inject import _check_modules_to_save, _set_submodule, unwrap_layers
+from lightning_peft.adapters.inject import (
+    _check_modules_to_save,
+    _set_submodule,
+    unwrap_layers,
+)
 from lightning_peft.adapters.quantized import quantization_of
 from lightning_peft.adapters.targeting import is_conv1d, match_targets
-from lightning_peft.fileio import staged_dir
-
-__all__ = [
-    "SSF_TYPE",
-    "SSFConfig",
-    "SSFLayer",
-    "inject_ssf",
-    "is_ssf_config",
-    "load_ssf",
-    "mark_ssf_trainable",
-    "merge_ssf",
-    "remove_ssf",
-    "ssf_config",
-    "ssf_layers",
-    "ssf_state_dict",
-    "write_ssf",
-]
 
 SSF_TYPE = "LIGHTNING_PEFT_SSF"
 _PREFIX = "base_model.model."
@@ -319,98 +270,3 @@ def merge_ssf(model: nn.Module) -> None:
     """Fold every SSF layer into its base layer (the layers stay, inactive until :meth:`SSFLayer.unmerge`)."""
     for _, layer in ssf_layers(model):
         layer.merge()
-
-
-def ssf_state_dict(model: nn.Module, modules_to_save: list[str] | tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """The SSF tensors (``base_model.model.<layer>.ssf_scale`` / ``.ssf_shift``) and ``modules_to_save``, detached."""
-    out: dict[str, torch.Tensor] = {}
-    for name, layer in ssf_layers(model):
-        out[f"{_PREFIX}{name}.ssf_scale"] = layer.ssf_scale.detach()
-        out[f"{_PREFIX}{name}.ssf_shift"] = layer.ssf_shift.detach()
-    for module_name in modules_to_save:
-        for pname, param in model.get_submodule(module_name).named_parameters():
-            if ".base_layer." in f".{pname}" or ".ssf_" in f".{pname}":
-                continue
-            out[f"{_PREFIX}{module_name}.{pname}"] = param.detach()
-    return out
-
-
-def ssf_config(model: nn.Module, config: SSFConfig, base_model: str | None = None) -> dict[str, Any]:
-    """The ``adapter_config.json`` content of ``model``'s SSF layers (their exact names as ``target_modules``)."""
-    return {
-        "peft_type": SSF_TYPE,
-        "method": "ssf",
-        "base_model_name_or_path": base_model,
-        "target_modules": [n for n, _ in ssf_layers(model)],
-        "modules_to_save": list(config.modules_to_save) or None,
-        "init": config.init,
-    }
-
-
-def is_ssf_config(config: dict[str, Any]) -> bool:
-    """Whether an ``adapter_config.json`` describes SSF layers."""
-    return config.get("peft_type") == SSF_TYPE
-
-
-def write_ssf(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
-    """Write already-collected SSF ``tensors`` and their ``config`` into the folder ``path``, atomically.
-
-    Raises:
-        ValueError: ``config`` is no SSF config, or there is no SSF tensor.
-    """
-    if not is_ssf_config(config):
-        raise ValueError(f"write_ssf needs a config from ssf_config(), got peft_type={config.get('peft_type')!r}")
-    if not any(k.endswith(".ssf_scale") for k in tensors):
-        raise ValueError("no SSF tensors to save; inject SSF layers first")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with staged_dir(path) as tmp:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt", "method": "ssf"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return Path(path)
-
-
-def load_ssf(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> list[str]:
-    """Put a saved SSF adapter (its tensors and ``adapter_config.json``) onto ``model``, injecting the layers if needed.
-
-    Every name and shape is checked before a weight is copied; a file that does not fit leaves the model as it was.
-
-    Returns:
-        The names of the SSF layers.
-
-    Raises:
-        ValueError: a tensor the model has no place for, a shape that differs, or a missing tensor.
-    """
-    modules_to_save = list(config.get("modules_to_save") or [])
-    injected = False
-    if not any(True for _ in ssf_layers(model)):
-        names = list(config.get("target_modules") or [])
-        missing = [n for n in names if n not in dict(model.named_modules())]
-        if missing:
-            raise ValueError(
-                f"the SSF adapter targets layer {missing[0]!r}, which {type(model).__name__} does not have: it was "
-                "trained on another model (or on a wrapper of this one)"
-            )
-        exact = "(?:" + "|".join(re.escape(n) for n in names) + ")"
-        inject_ssf(model, SSFConfig(target_modules=exact, modules_to_save=modules_to_save), freeze=False)
-        injected = True
-    expected = ssf_state_dict(model, modules_to_save)
-    try:
-        for key, value in tensors.items():
-            if key not in expected:
-                raise ValueError(f"the SSF adapter has tensor {key!r}, which the model has no place for")
-            if tuple(value.shape) != tuple(expected[key].shape):
-                raise ValueError(
-                    f"tensor {key!r} has shape {tuple(value.shape)} in the adapter but {tuple(expected[key].shape)} "
-                    "in the model: the adapter was trained on another model"
-                )
-        lacking = [k for k in expected if k not in tensors]
-        if lacking:
-            raise ValueError(f"the SSF adapter lacks {len(lacking)} tensor(s) the model has, first {lacking[0]!r}")
-    except ValueError:
-        if injected:
-            remove_ssf(model)
-        raise
-    with torch.no_grad():
-        for key, value in tensors.items():
-            expected[key].copy_(value.to(expected[key].dtype))
-    return [n for n, _ in ssf_layers(model)]
