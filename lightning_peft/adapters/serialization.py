@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lightning_peft.adapters.delta import is_delta_config, load_delta
+from lightning_peft.adapters.fitting import AdapterMismatchError, check_fits
 from lightning_peft.adapters.inject import (
     adapter_layers,
     inject_adapters,
@@ -54,10 +55,6 @@ __all__ = [
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
-
-
-class AdapterMismatchError(ValueError):
-    """The adapter's tensors do not fit the model (another model, another rank, other targets)."""
 
 
 def adapter_state_dict(model: nn.Module, modules_to_save: list[str] | tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
@@ -357,20 +354,7 @@ def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], modules_to_sa
         raise RuntimeError(f"{merged[0]} is merged; unmerge_adapters() before loading an adapter")
     expected = adapter_state_dict(model, modules_to_save)
     _check_dtypes(tensors)
-    for key, value in tensors.items():
-        if key not in expected:
-            raise AdapterMismatchError(f"the adapter has tensor {key!r}, which the model has no place for")
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise AdapterMismatchError(
-                f"tensor {key!r} has shape {tuple(value.shape)} in the adapter but {tuple(expected[key].shape)} in the "
-                "model: the adapter was trained on another model or with another rank"
-            )
-    if strict:
-        missing = [k for k in expected if k not in tensors]
-        if missing:
-            raise AdapterMismatchError(
-                f"the adapter lacks {len(missing)} tensor(s) the model has, first {missing[0]!r}"
-            )
+    check_fits(tensors, expected, "LoRA", "another model or with another rank", strict=strict)
     with torch.no_grad():
         for key, value in tensors.items():
             expected[key].copy_(value.to(expected[key].dtype))

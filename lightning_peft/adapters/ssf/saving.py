@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from lightning_peft.adapters.fitting import check_fits
 from lightning_peft.adapters.inject import modules_to_save_tensors
 from lightning_peft.adapters.ssf.layer import _PREFIX, SSF_TYPE, SSFConfig, inject_ssf, remove_ssf, ssf_layers
 from lightning_peft.fileio import staged_dir
@@ -87,17 +88,7 @@ def load_ssf(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict[st
         injected = True
     expected = ssf_state_dict(model, modules_to_save)
     try:
-        for key, value in tensors.items():
-            if key not in expected:
-                raise ValueError(f"the SSF adapter has tensor {key!r}, which the model has no place for")
-            if tuple(value.shape) != tuple(expected[key].shape):
-                raise ValueError(
-                    f"tensor {key!r} has shape {tuple(value.shape)} in the adapter but {tuple(expected[key].shape)} "
-                    "in the model: the adapter was trained on another model"
-                )
-        lacking = [k for k in expected if k not in tensors]
-        if lacking:
-            raise ValueError(f"the SSF adapter lacks {len(lacking)} tensor(s) the model has, first {lacking[0]!r}")
+        check_fits(tensors, expected, "SSF", "another model")
     except ValueError:
         if injected:
             remove_ssf(model)
