@@ -56,6 +56,7 @@ def run(out: Path, mode: str, spec: dict[str, Any], timeout: int = 300) -> dict[
     ranks = (0,) if mode == "single" else (0, 1)
     return {
         "out": out,
+        "family": spec.get("family", "llama"),
         "tensors": [load_file(out / f"rank{r}.safetensors") for r in ranks],
         "info": [torch.load(out / f"rank{r}.pt", weights_only=False) for r in ranks],
     }
@@ -111,18 +112,18 @@ def check_matches_single(result: dict[str, Any], single: dict[str, Any], atol: f
 
 def check_result_reproduces_outputs(result: dict[str, Any]) -> None:
     """The saved result on a fresh unsharded model gives the sharded model's outputs (and the base's do differ)."""
-    from fsdp2_fit import FAMILY, LOGIT_SEED
+    from fsdp2_fit import LOGIT_SEED
     from tiny_models import FAMILIES, forward
 
     from lightning_peft.adapters import load_adapter
 
-    logits = result["tensors"][0]["logits"]
+    logits, family = result["tensors"][0]["logits"], result["family"]
     with torch.no_grad():
-        plain = forward(FAMILY, FAMILIES[FAMILY](seed=0), batch=2, seed=LOGIT_SEED)
+        plain = forward(family, FAMILIES[family](seed=0), batch=2, seed=LOGIT_SEED)
         assert not torch.allclose(plain, logits, atol=1e-4), "training did not change the outputs"
-        model = FAMILIES[FAMILY](seed=0)
+        model = FAMILIES[family](seed=0)
         load_adapter(model, result["out"] / "result")
-        torch.testing.assert_close(forward(FAMILY, model, batch=2, seed=LOGIT_SEED), logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(forward(family, model, batch=2, seed=LOGIT_SEED), logits, rtol=1e-5, atol=1e-5)
 
 
 def check_resume(tmp: Path, spec: dict[str, Any], straight: dict[str, Any]) -> float:

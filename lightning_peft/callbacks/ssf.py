@@ -22,6 +22,7 @@ from lightning_peft.adapters.ssf import (
     ssf_state_dict,
     write_ssf,
 )
+from lightning_peft.adapters.ssf.layer import _PREFIX as SSF_PREFIX
 from lightning_peft.backbones import Preset
 from lightning_peft.callbacks.lora import LoRA
 
@@ -136,9 +137,10 @@ class SSF(LoRA):
         """Gather the SSF tensors on every rank and write them from rank 0 (a collective). The folder on rank 0."""
         tensors = {k: distributed.full_tensor(v) for k, v in ssf_state_dict(root, self.config.modules_to_save).items()}
         self.moved = {"scale_change": {}, "shift": {}}
-        for name, layer in ssf_layers(root):
-            self.moved["scale_change"][name] = float((layer.ssf_scale.detach().float() - 1).abs().mean())
-            self.moved["shift"][name] = float(layer.ssf_shift.detach().float().abs().mean())
+        for name, _ in ssf_layers(root):  # from the gathered tensors: under FSDP2 a layer holds only its shard
+            scale, shift = (tensors[f"{SSF_PREFIX}{name}.ssf_{kind}"].float() for kind in ("scale", "shift"))
+            self.moved["scale_change"][name] = float((scale - 1).abs().mean())
+            self.moved["shift"][name] = float(shift.abs().mean())
         config = ssf_config(root, self.config)  # type: ignore[arg-type]
         return distributed.rank_zero_only(write_ssf)(path, tensors, config)
 
@@ -156,12 +158,25 @@ class SSF(LoRA):
 
 
 def _check_strategy(strategy: object) -> None:
-    """One device and data-parallel strategies only (SSF's trainable set is static: plain DDP is right)."""
+    """One device, data-parallel strategies and data-parallel FSDP2 (SSF's trainable set is static: plain DDP is right).
+
+    Under ``ModelParallelStrategy`` the scales and shifts are sharded with their block by :func:`lightning_peft.shard`
+    like LoRA's factors; tensor parallelism is refused (``shard`` refuses it too), as are FSDP1 and DeepSpeed.
+    """
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
     if isinstance(strategy, DDPStrategy | SingleDeviceStrategy):
         return
+    if type(strategy).__name__ == "ModelParallelStrategy":
+        size = getattr(strategy, "_tensor_parallel_size", 1)
+        if isinstance(size, int) and size > 1:
+            raise NotImplementedError(
+                f"SSF under ModelParallelStrategy runs data-parallel FSDP2 only, got tensor_parallel_size={size}. "
+                "Use ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)"
+            )
+        return
     raise NotImplementedError(
-        f"SSF does not support {type(strategy).__name__} yet (its multi-process test covers data parallelism only). "
-        "Use one device, or strategy='ddp' / 'ddp_selective' for several"
+        f"SSF does not support {type(strategy).__name__} (its multi-process tests cover DDP and FSDP2). Use one "
+        "device, strategy='ddp' / 'ddp_selective', or FSDP2: ModelParallelStrategy(tensor_parallel_size=1) with "
+        "lightning_peft.shard in configure_model"
     )

@@ -107,9 +107,10 @@ def _base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _tensor_digest(tensor: torch.Tensor, samples: int = 4096) -> str:
-    flat = tensor.detach().reshape(-1)
-    if hasattr(flat, "full_tensor"):
-        flat = flat.full_tensor()
+    whole = tensor.detach()
+    if hasattr(whole, "full_tensor"):  # gathered before the reshape: a DTensor sharded on a size-1 dim cannot be
+        whole = whole.full_tensor()  # flattened as it is (a timm ViT's cls_token / pos_embed under FSDP2)
+    flat = whole.reshape(-1)
     step = max(1, flat.numel() // samples)
     sample = flat[::step][:samples].to("cpu", torch.float64)
     digest = hashlib.sha256()

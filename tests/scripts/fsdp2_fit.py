@@ -1,7 +1,8 @@
 """Any method callback on the tiny Llama: under 2-process FSDP2, or as the one-process reference run.
 
 ``python tests/scripts/fsdp2_fit.py OUT MODE SPEC`` where ``SPEC`` is JSON ``{"class": "AdaLoRA", "init_args": {...}}``
-(a ``lightning_peft`` callback; ``save_dir`` is set to ``OUT/result``) and ``MODE`` is
+(a ``lightning_peft`` callback; ``save_dir`` is set to ``OUT/result``; an optional ``"family"`` picks another tiny
+model than the Llama) and ``MODE`` is
 
 * ``fsdp2``: 2 processes, ``ModelParallelStrategy`` + :func:`lightning_peft.shard` (the ``configure_model`` of
   ``lightning_peft.tasks``' modules does the same), ``EPOCHS`` epochs of 4 optimizer steps, one seed per rank per step;
@@ -39,7 +40,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 import lightning_peft  # noqa: E402
 
-FAMILY = "llama"
+FAMILY = "llama"  # the default; SPEC's "family" replaces it
 N_SEEDS = 8  # 4 optimizer steps an epoch on 2 ranks (and on one process with 2 seeds a batch)
 EPOCHS = 2
 LR = 2e-2
@@ -114,7 +115,9 @@ class Record(Callback):
 
 
 def main() -> None:
+    global FAMILY
     out, mode, spec = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+    FAMILY = spec.get("family", FAMILY)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(int(os.environ.get("LOCAL_RANK", "0")))  # ranks start unequal: the method must make them equal
     torch.set_num_threads(1)
