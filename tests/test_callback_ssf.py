@@ -119,6 +119,19 @@ def test_a_second_fit_reuses_the_layers_and_other_settings_are_refused() -> None
         quiet_trainer(max_epochs=1, callbacks=[SSF(target_modules=["qkv"])]).fit(module)
 
 
+def test_strategies_other_than_data_parallel_are_refused_by_name() -> None:
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+
+    from lightning_peft.callbacks.ssf import _check_strategy
+
+    _check_strategy(DDPStrategy())
+    _check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))  # FSDP2: tested in test_fsdp2
+    with pytest.raises(NotImplementedError, match="tensor_parallel_size=2"):
+        _check_strategy(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2))
+    with pytest.raises(NotImplementedError, match="FSDPStrategy"):
+        _check_strategy(FSDPStrategy())
+
+
 @pytest.mark.slow
 def test_plain_ddp_keeps_both_ranks_identical(tmp_path) -> None:
     states, logs = run_two_ranks("ddp_lora.py", tmp_path, "ssf")

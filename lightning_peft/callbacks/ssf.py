@@ -45,11 +45,13 @@ class SSF(LoRA):
     Conv2d, transformers Conv1D and LayerNorm layers with a bias (see :mod:`lightning_peft.adapters.ssf`).
 
     It shares :class:`LoRA`'s shell (the same hooks, one setup per module, resume checks, save on rank 0), with SSF
-    layers instead of low-rank ones. Hooks: ``setup`` refuses sharded strategies and injects the layers before
-    ``configure_optimizers`` and before the strategy wraps the model; ``on_train_start`` logs the counts;
-    ``on_fit_end`` saves (safetensors + ``adapter_config.json``, with the base fingerprint: a zoo entry) and draws
-    how far each layer's scale and shift moved. Several ranks: the trainable set never changes, so plain
-    ``strategy="ddp"`` (or ``ddp_selective``) keeps every rank identical; rank 0's init is broadcast at setup.
+    layers instead of low-rank ones. Hooks: ``setup`` refuses FSDP1, DeepSpeed and tensor parallelism and injects
+    the layers before ``configure_optimizers`` and before the strategy wraps the model; ``on_train_start`` logs the
+    counts; ``on_fit_end`` saves (safetensors + ``adapter_config.json``, with the base fingerprint: a zoo entry) and
+    draws how far each layer's scale and shift moved. Several ranks: the trainable set never changes, so plain
+    ``strategy="ddp"`` (or ``ddp_selective``) keeps every rank identical; rank 0's init is broadcast at setup. FSDP2
+    (``ModelParallelStrategy(tensor_parallel_size=1)``, the model sharded by :func:`lightning_peft.shard` in
+    ``configure_model``) shards the scales and shifts with their block and gathers them once to save.
 
     Args:
         target_modules: layers to follow, relative to the backbone: a regex (``re.fullmatch``) or a list of names or
@@ -65,7 +67,8 @@ class SSF(LoRA):
         ValueError: on construction, for an unknown ``init`` or empty targets; in ``setup``, for targets that match
             nothing or a model no SSF preset knows without ``target_modules``.
         TypeError: in ``setup``, a matched layer SSF cannot merge into (no bias, quantized).
-        NotImplementedError: in ``setup``, a sharded strategy (FSDP2, FSDP, DeepSpeed).
+        NotImplementedError: in ``setup``, FSDP1, DeepSpeed or ``ModelParallelStrategy`` with tensor parallelism
+            (data-parallel FSDP2 is supported).
 
     Example:
         >>> import lightning as L
