@@ -91,7 +91,7 @@ class SpIEL(SparseMethod):
 
     Example:
         >>> import lightning as L
-        >>> trainer = L.Trainer(callbacks=[SpIEL(budget=0.01, reselection_steps=20, accumulation_steps=5)], logger=False)
+        >>> trainer = L.Trainer(callbacks=[SpIEL(budget=0.01, reselection_steps=20)], logger=False)
     """
 
     method = "spiel"
