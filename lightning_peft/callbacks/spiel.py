@@ -30,9 +30,10 @@ class SpIEL(SparseMethod):
     first drawn uniformly at random from a generator seeded by ``(seed, tensor)``. Every ``reselection_steps``
     optimizer steps, after accumulating the gradients of ``accumulation_steps`` (+1) steps, a share ``p`` of each
     tensor's entries moves: the active entries that moved least from their pretrained value (smallest ``|Δ|``) go
-    back to it and stop training, and as many entries with the largest accumulated gradient start at zero. The
-    first update replaces the random start wholesale (``p = 1``); later ones change ``drop_fraction``, decayed
-    linearly (or by a cosine) to zero at the end of the run. The rule, schedule and differences from the reference
+    back to it and stop training, and as many entries with the largest accumulated gradient start at zero. With
+    ``decay="linear"`` the first update replaces the random start wholesale (``p = 1``) and later ones change
+    ``drop_fraction · (1 - completed / T)``; with ``"cosine"`` every update changes
+    ``drop_fraction · (1 + cos(π completed / T)) / 2``, as the reference does. The rule, schedule and differences from the reference
     (``AlanAnsell/peft``, ``tuners/sft``) are in :mod:`lightning_peft.methods.spiel`; briefly: ties by flat
     position, a seeded initial draw, the budget counted over the targeted entries, incoming entries' AdamW moments
     start at zero (the reference seeds them from the window's gradients with its own optimizer), gradients averaged

@@ -18,9 +18,11 @@ index of an optimizer step, ``completed`` the number of optimizer steps done):
   ``(completed + 1) % R == 0`` and closes it when ``completed % R == A``); a window whose update would come
   after ``T`` is not opened;
 * update ``k`` comes once ``completed = kR + A`` (:meth:`SpIELSelector.update_due`) and changes the share
-  ``p`` of each tensor's entries: ``p = 1`` at the first update (``completed == A``: the random start is replaced
-  wholesale by gradient-chosen entries), then ``p = drop_fraction · (1 - completed / T)`` (``decay="linear"``) or
-  ``drop_fraction · (1 + cos(π completed / T)) / 2`` (``"cosine"``); no update once ``completed > T``.
+  ``p`` of each tensor's entries. ``decay="linear"`` (the reference's default): ``p = 1`` at the first update
+  (``completed == A``: the random start is replaced wholesale by gradient-chosen entries), then
+  ``p = drop_fraction · (1 - completed / T)``. ``"cosine"``: ``p = drop_fraction · (1 + cos(π completed / T)) / 2``
+  from the first update on (the reference makes no wholesale first update under this policy). No update once
+  ``completed > T``.
 
 **Candidates.** The first gradient of a tensor in a window picks its candidates, the ``k_i`` entries of largest
 ``|g|`` (active entries included); later gradients of the window are added at those candidates only, so the
@@ -158,11 +160,9 @@ class SpIELSelector:
 
     def proportion(self, completed: int) -> float:
         """``p``, the share of each tensor's entries the update at ``completed`` may change."""
-        if completed == self.accumulation_steps:
-            return 1.0
         frac = completed / self.total_steps
         if self.decay == "linear":
-            return self.drop_fraction * (1.0 - frac)
+            return 1.0 if completed == self.accumulation_steps else self.drop_fraction * (1.0 - frac)
         return self.drop_fraction * (1.0 + math.cos(math.pi * frac)) / 2.0
 
     @torch.no_grad()
