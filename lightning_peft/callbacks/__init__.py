@@ -15,4 +15,15 @@ from lightning_peft.callbacks.spiel import SpIEL
 from lightning_peft.callbacks.ssf import SSF
 from lightning_peft.callbacks.zoo_publisher import ZooPublisher
 
-__all__ = ["ID3", "LISA", "AdaLoRA", "AdapterCheckpoints", "LoRA", "MethodCallback", "SSF", "SaRA", "SpIEL", "ZooPublisher"]
+__all__ = [
+    "ID3",
+    "LISA",
+    "AdaLoRA",
+    "AdapterCheckpoints",
+    "LoRA",
+    "MethodCallback",
+    "SSF",
+    "SaRA",
+    "SpIEL",
+    "ZooPublisher",
+]

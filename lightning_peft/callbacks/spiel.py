@@ -33,11 +33,11 @@ class SpIEL(SparseMethod):
     back to it and stop training, and as many entries with the largest accumulated gradient start at zero. With
     ``decay="linear"`` the first update replaces the random start wholesale (``p = 1``) and later ones change
     ``drop_fraction · (1 - completed / T)``; with ``"cosine"`` every update changes
-    ``drop_fraction · (1 + cos(π completed / T)) / 2``, as the reference does. The rule, schedule and differences from the reference
-    (``AlanAnsell/peft``, ``tuners/sft``) are in :mod:`lightning_peft.methods.spiel`; briefly: ties by flat
-    position, a seeded initial draw, the budget counted over the targeted entries, incoming entries' AdamW moments
-    start at zero (the reference seeds them from the window's gradients with its own optimizer), gradients averaged
-    across ranks before choosing, no SM3 variant.
+    ``drop_fraction · (1 + cos(π completed / T)) / 2``, as the reference does. The rule, schedule and differences
+    from the reference (``AlanAnsell/peft``, ``tuners/sft``) are in :mod:`lightning_peft.methods.spiel`; briefly:
+    ties by flat position, a seeded initial draw, the budget counted over the targeted entries, incoming entries'
+    AdamW moments start at zero (the reference seeds them from the window's gradients with its own optimizer),
+    gradients averaged across ranks before choosing, no SM3 variant.
 
     The trained values live in the sparse bank (:mod:`lightning_peft.adapters.sparse`): one parameter of
     ``budget`` slots, so gradients and optimizer state are O(budget) and the optimizer is never rebuilt; a moved
