@@ -51,8 +51,8 @@ class Snapshot(Callback):
         sel = self.spiel.selector
         self.taken = {
             "values": bank.values.detach().clone(),
-            "exp_avg": state["exp_avg"].clone(),
-            "exp_avg_sq": state["exp_avg_sq"].clone(),
+            "exp_avg": state["exp_avg"].clone() if state else None,  # no state before the first step
+            "exp_avg_sq": state["exp_avg_sq"].clone() if state else None,
             "layers": layers,
             "candidates": {k: (i.clone(), g.clone()) for k, (i, g) in sel.candidates.items()},
         }
@@ -280,6 +280,31 @@ def test_bad_input_is_refused_before_training(kwargs, message) -> None:
     after = {n.replace(".base_layer.", "."): p for n, p in module.model.named_parameters() if BANK_NAME not in n}
     assert after.keys() == before.keys()
     assert all(torch.equal(p, before[n]) for n, p in after.items()), "the model changed"
+
+
+def test_a_refusal_at_train_start_restores_the_weights_and_flags() -> None:
+    module = FamilyModule("llama", n_batches=3)
+    module.model.lm_head.requires_grad_(False)  # a flag the user set: restored as it was
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in module.named_parameters()}
+    with pytest.raises(ValueError, match="shorter than accumulation_steps=5"):
+        fit(module, [SpIEL(budget=100, accumulation_steps=5)])
+    after = {n: (p.detach().clone(), p.requires_grad) for n, p in module.named_parameters()}
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[n][0], v) and after[n][1] == f for n, (v, f) in before.items())
+    assert not list(sparse_layers(module))
+
+
+def test_a_second_fit_with_the_same_settings_starts_from_the_entries_the_first_left() -> None:
+    module = FamilyModule("llama", n_batches=4)
+    first = SpIEL(budget=200, reselection_steps=3, accumulation_steps=1)
+    fit(module, [first])
+    left = {n: la.active_indices("weight").sort().values for n, la in first.layers(module)}
+    second = SpIEL(budget=200, reselection_steps=3, accumulation_steps=1)
+    start = Snapshot(second, 0)
+    fit(module, [second, start])
+    assert {n: v["active"].sort().values.tolist() for n, v in start.taken["layers"].items()} == {
+        n: v.tolist() for n, v in left.items()
+    }
 
 
 # ----------------------------------------------------------------------------------------------- DDP
