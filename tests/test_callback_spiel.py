@@ -139,39 +139,41 @@ def test_an_update_drops_back_to_the_base_and_grows_from_zero_as_the_rule_says()
 
 
 class Grads(Callback):
-    """The dense gradient of every target weight in the first step, from a copy of the model that SpIEL never sees."""
+    """Each micro-batch's dense gradient of every target weight in the first step, from a copy SpIEL never sees."""
 
-    def __init__(self, family: str) -> None:
-        self.family, self.dense = family, {}
+    def __init__(self, family: str, micro: int) -> None:
+        self.family, self.micro, self.dense = family, micro, []
 
     def on_fit_start(self, trainer, pl_module) -> None:  # before any selection; SpIEL's deltas are all zero at step 0
         if self.dense:
             return
         clone = copy.deepcopy(pl_module.model)
         clone.requires_grad_(True)
-        out = forward(self.family, clone, batch=2, seed=0)
-        out.float().pow(2).mean().backward()
-        self.dense = {
-            f"{n}:weight": layer.base_layer.weight.grad.detach().clone()
-            for n, layer in sparse_layers(clone)
-            if layer.base_layer.weight.grad is not None
-        }
+        for seed in range(self.micro):  # FamilyModule's batch i is seed i; Lightning divides each loss by `micro`
+            clone.zero_grad()
+            out = forward(self.family, clone, batch=2, seed=seed)
+            (out.float().pow(2).mean() / self.micro).backward()
+            self.dense.append(
+                {f"{n}:weight": la.base_layer.weight.grad.detach().clone() for n, la in sparse_layers(clone)}
+            )
 
 
-def test_the_window_scores_the_dense_gradient_of_the_step() -> None:
-    module = FamilyModule("llama", n_batches=4)
+@pytest.mark.parametrize("micro", [1, 2])
+def test_the_window_scores_the_dense_gradient_of_the_step(micro: int) -> None:
+    """The first micro-batch's |g| picks each tensor's candidates; every micro-batch's g is summed at them."""
+    module = FamilyModule("llama", n_batches=4 * micro)
     spiel = SpIEL(budget=300, reselection_steps=3, accumulation_steps=1, drop_fraction=0.5)
-    grads, pre = Grads("llama"), Snapshot(spiel, 1)
-    fit(module, [grads, pre, spiel])
+    grads, pre = Grads("llama", micro), Snapshot(spiel, 1)
+    fit(module, [grads, pre, spiel], accumulate_grad_batches=micro)
     candidates = pre.taken["candidates"]
-    assert candidates.keys() == grads.dense.keys() == set(spiel.counts)
+    assert candidates.keys() == grads.dense[0].keys() == set(spiel.counts)
     for key, (indices, values) in candidates.items():
-        dense = grads.dense[key].reshape(-1)
+        first = grads.dense[0][key].reshape(-1)
+        total = sum(g[key].reshape(-1) for g in grads.dense)
         k = spiel.counts[key]
-        top = dense.abs().topk(k).values
         assert indices.numel() == k
-        torch.testing.assert_close(values, dense[indices], rtol=1e-5, atol=1e-8, msg=key)
-        torch.testing.assert_close(values.abs().sort(descending=True).values, top, rtol=1e-5, atol=1e-8, msg=key)
+        torch.testing.assert_close(first[indices].abs().sort(descending=True).values, first.abs().topk(k).values)
+        torch.testing.assert_close(values, total[indices], rtol=1e-5, atol=1e-8, msg=key)
 
 
 # ----------------------------------------------------------------------------------------------- resume
