@@ -248,6 +248,23 @@ def test_saved_delta_reproduces_the_model(tmp_path) -> None:
         )
 
 
+def test_zoo_entry_of_a_spiel_run_loads_onto_the_base(tmp_path) -> None:
+    from lightning_peft import ZooPublisher, zoo
+
+    spiel = SpIEL(budget=300, reselection_steps=3, accumulation_steps=1, modules_to_save=["lm_head"])
+    module = FamilyModule("llama", n_batches=5)
+    fit(module, [spiel, ZooPublisher(name="spiel-llama", root=str(tmp_path / "zoo"), base_model="tiny-llama")])
+    assert len(spiel.moved) == 2
+    local = zoo.LocalZoo(tmp_path / "zoo")
+    base = FamilyModule("llama").model
+    manifest = zoo.load(base, "spiel-llama", zoo=local)
+    assert manifest["method"] == "spiel" and manifest["schedule"]["moved"] == [list(m) for m in spiel.moved]
+    with torch.no_grad():
+        torch.testing.assert_close(forward("llama", base, 2, 5), forward("llama", module.model, 2, 5), rtol=0, atol=0)
+    with pytest.raises(zoo.FingerprintMismatchError):
+        zoo.load(FamilyModule("llama", seed=1).model, "spiel-llama", zoo=local)
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 
 
