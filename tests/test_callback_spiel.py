@@ -283,6 +283,8 @@ def test_zoo_entry_of_a_spiel_run_loads_onto_the_base(tmp_path) -> None:
         ({"drop_fraction": 2.0}, "drop_fraction must be in"),
         ({"decay": "step"}, "decay must be 'linear' or 'cosine'"),
         ({"total_steps": 1, "accumulation_steps": 2}, "leaves no update"),
+        ({"total_steps": 0}, "total_steps must be an int >= 1"),
+        ({"total_steps": 2.5}, "total_steps must be an int >= 1"),
         ({"accumulation_steps": 5}, "shorter than accumulation_steps=5"),
         ({"target_modules": ["no_such_layer"]}, "no_such_layer"),
         ({"modules_to_save": ["no_such_module"]}, "no_such_module"),

@@ -119,13 +119,15 @@ class SpIEL(SparseMethod):
             raise ValueError(f"SpIEL budget must be a count >= 1 or a fraction in (0, 1), got {budget!r}")
         if isinstance(budget, float) and not budget < 1:
             raise ValueError(f"SpIEL budget as a fraction must be in (0, 1), got {budget!r}; pass an int for a count")
-        if total_steps is not None and (isinstance(total_steps, bool) or total_steps < accumulation_steps):
+        # checks the schedule's arguments now, before any trainer exists
+        SpIELSelector(
+            reselection_steps, accumulation_steps, drop_fraction, decay, 1 if total_steps is None else total_steps, seed
+        )
+        if total_steps is not None and total_steps < accumulation_steps:
             raise ValueError(
                 f"SpIEL total_steps={total_steps!r} leaves no update: the first comes after accumulation_steps="
                 f"{accumulation_steps} optimizer steps"
             )
-        # checks the schedule's arguments now, before any trainer exists
-        SpIELSelector(reselection_steps, accumulation_steps, drop_fraction, decay, total_steps or 1, seed)
         self._init_sparse(
             target_modules, exclude_modules, parameters, include_norms, modules_to_save, backbone, save_dir
         )
