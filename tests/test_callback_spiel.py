@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lit_helpers import FamilyModule, quiet_trainer, run_two_ranks
+from safetensors.torch import load_file
 from tiny_models import forward
 
 from lightning_peft import SpIEL
@@ -238,6 +239,11 @@ def test_saved_delta_reproduces_the_model(tmp_path) -> None:
     assert config["method"] == "spiel" and config["delta_format"] == "sparse"
     assert config["hyperparameters"]["budget_count"] == spiel.budget_count
     assert (tmp_path / "spiel_density.png").stat().st_size > 1000
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    kept = sum(v.numel() for k, v in saved.items() if k.endswith(".values"))
+    ever = sum(la.indices("weight").numel() for _, la in spiel.layers(module))
+    assert all(bool((v != 0).all()) for k, v in saved.items() if k.endswith(".values"))
+    assert kept <= spiel.budget_count < ever, "the entries dropped back to the base were saved (or none dropped)"
     fresh = FamilyModule("llama")
     with torch.no_grad():
         assert not torch.equal(forward("llama", fresh.model, 2, 5), forward("llama", module.model, 2, 5))

@@ -299,6 +299,23 @@ class SpIEL(SparseMethod):
         if self._armed:
             self._set_hooks(pl_module, False)
 
+    # ----------------------------------------------------------------------------------------- results
+    @override
+    def result_tensors(self, root: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """As :class:`SparseMethod`'s, less the entries whose delta is zero (those dropped back to the base value).
+
+        The layers keep every entry ever trained; a dropped one holds delta 0, which changes nothing when applied.
+        """
+        tensors, dense = super().result_tensors(root)
+        for key in [k for k in tensors if k.endswith(".indices") and k not in dense]:
+            stem = key.removesuffix(".indices")
+            keep = tensors[f"{stem}.values"] != 0
+            if bool(keep.any()):
+                tensors[key], tensors[f"{stem}.values"] = tensors[key][keep], tensors[f"{stem}.values"][keep]
+            else:
+                del tensors[key], tensors[f"{stem}.values"]
+        return tensors, dense
+
     # ----------------------------------------------------------------------------------------- state
     @override
     def method_hyperparameters(self) -> dict[str, Any]:
