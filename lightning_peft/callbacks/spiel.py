@@ -44,8 +44,9 @@ class SpIEL(SparseMethod):
     entry's slot is reused by a newcomer with zero value and zero moments. Gradients of entries not trained yet
     are read in each target layer's backward (the dense gradient exists there anyway) during the accumulation
     windows only; the first one of a window picks ``k_i`` candidates per tensor, later ones are summed at those
-    candidates (O(budget) memory). The layers' bookkeeping keeps every entry ever trained (13 bytes each, with a
-    zero delta once it left), so it grows with the entries moved over the run, not with the model.
+    candidates (O(budget) memory). The layers' bookkeeping keeps every entry ever trained (16 bytes each for
+    float32 weights, a dropped one with delta 0), so it grows with the entries moved over the run, not with the
+    model; the saved delta leaves the zero ones out.
 
     Hooks: ``setup`` resolves the targets (the preset's layers by default), splits the budget, fingerprints the
     base and injects; ``on_train_start`` resolves ``total_steps`` (the run's optimizer steps by default), applies
