@@ -291,6 +291,7 @@ def test_zoo_entry_of_a_spiel_run_loads_onto_the_base(tmp_path) -> None:
         ({"total_steps": 1, "accumulation_steps": 2}, "leaves no update"),
         ({"total_steps": 0}, "total_steps must be an int >= 1"),
         ({"total_steps": 2.5}, "total_steps must be an int >= 1"),
+        ({"seed": "0"}, "seed must be an int"),
         ({"accumulation_steps": 5}, "shorter than accumulation_steps=5"),
         ({"target_modules": ["no_such_layer"]}, "no_such_layer"),
         ({"modules_to_save": ["no_such_module"]}, "no_such_module"),

@@ -269,6 +269,7 @@ def test_state_dict_round_trip_continues_the_window_exactly() -> None:
         ({"drop_fraction": 1.5}, r"drop_fraction must be in \(0, 1\]"),
         ({"decay": "exp"}, "decay must be 'linear' or 'cosine'"),
         ({"total_steps": 0}, "total_steps must be an int >= 1"),
+        ({"seed": 1.5}, "seed must be an int"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, message) -> None:

@@ -139,6 +139,8 @@ class SpIELSelector:
             raise ValueError(f"SpIEL decay must be 'linear' or 'cosine', got {decay!r}")
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"SpIEL total_steps must be an int >= 1, got {total_steps!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"SpIEL seed must be an int, got {seed!r}")
         self.reselection_steps, self.accumulation_steps = reselection_steps, accumulation_steps
         self.drop_fraction, self.decay, self.total_steps, self.seed = float(drop_fraction), decay, total_steps, seed
         #: per tensor key: candidate flat positions (sorted) and their accumulated gradient (float32)
