@@ -84,10 +84,10 @@ class SpIEL(SparseMethod):
     Raises:
         ValueError: a budget <= 0, a fraction outside (0, 1), a budget larger than the targeted entries or too
             small to give any tensor an entry, ``reselection_steps < 3``, ``accumulation_steps`` outside
-            ``[1, reselection_steps - 2]``, ``drop_fraction`` outside (0, 1], an unknown ``decay``, a run (or
-            ``total_steps``) shorter than ``accumulation_steps`` (no update would come), a run without a finite
-            length and no ``total_steps``, targets that match nothing, or a checkpoint of another configuration;
-            all before training.
+            ``[1, reselection_steps - 2]``, ``drop_fraction`` outside (0, 1], an unknown ``decay``, a non-int
+            ``seed``, a run (or ``total_steps``) shorter than ``accumulation_steps`` (no update would come), a run
+            without a finite length and no ``total_steps``, targets that match nothing, or a checkpoint of another
+            configuration; all before training.
         NotImplementedError: plain ``ddp``, FSDP1/DeepSpeed, tensor parallelism, or ``ModelParallelStrategy`` on a
             model not sharded by :func:`lightning_peft.shard`, before training.
 
