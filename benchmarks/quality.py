@@ -8,11 +8,12 @@ epochs, validation accuracy at the end of the last epoch.
 
 Methods: head only (frozen encoder) twice, once trained like the others (AdamW, the grid, the epochs) and once fit
 to convergence on the frozen embeddings (:func:`lightning_peft.tasks.text.head_only_accuracy`: L-BFGS, no learning
-rate; the goals compare with the stronger of the two), full fine-tuning, our LoRA / AdaLoRA / LISA / ID3 / SaRA / SSF
-through their Lightning callbacks, and peft's LoRA and AdaLoRA driven by a plain loop over the same batches.
+rate; the goals compare with the stronger of the two), full fine-tuning, our LoRA / AdaLoRA / LISA / ID3 / SaRA / SSF /
+SpIEL through their Lightning callbacks, and peft's LoRA and AdaLoRA driven by a plain loop over the same batches.
 Targets: the six linear layers of every block (query, key, value, attention output, intermediate, output). Budgets:
-LoRA r=8; AdaLoRA from r=12 down to an average of 8 (LoRA's count at the end); ID3 and SaRA train LoRA r=8's count
-of entries (ID3 ``budget`` = that count, SaRA ``fraction`` = that count over the targeted entries); SSF a scale
+LoRA r=8; AdaLoRA from r=12 down to an average of 8 (LoRA's count at the end); ID3, SaRA and SpIEL train LoRA r=8's
+count of entries (ID3 and SpIEL ``budget`` = that count, SaRA ``fraction`` = that count over the targeted entries;
+SpIEL with the reference's schedule: an update every 20 steps after 5 of accumulation, 20 % moved at first); SSF a scale
 and a shift per output channel of the six linears and every LayerNorm (its own count: nothing to match); LISA 2 of the 6
 blocks, switching every 20 steps, with the embeddings and classifier always on (its default for a model no preset
 knows). Every method trains the classifier.
@@ -21,7 +22,7 @@ Protocol: every method runs the same learning-rate grid (``--lrs``) with seed 0;
 validation accuracy is then run with seeds 1 and 2 as well, and the table gives mean ± std over the 3 seeds at
 that learning rate (picked on the validation set the table reports, as the papers' tables do). Each run is a fresh
 process; "trainable" counts what trains at the first step (AdaLoRA at r=12, LISA its first 2 blocks with the
-always-on modules, ID3/SaRA their value bank); peak memory is the RSS growth over the loaded model and data (our
+always-on modules, ID3/SaRA/SpIEL their value bank); peak memory is the RSS growth over the loaded model and data (our
 runs include Lightning's Trainer, the plain-loop peft runs do not). Run it with nothing else on the machine.
 
     python benchmarks/quality.py [--epochs 2] [--lrs 1e-4 5e-4 2e-3 1e-2] [--methods ...] [--markdown out.md]
@@ -42,7 +43,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import PeakMemory, Report, markdown_table, mib, run_worker  # noqa: E402
 
-METHODS = ("probe", "head", "full", "lora", "adalora", "lisa", "id3", "sara", "ssf", "peft_lora", "peft_adalora")
+METHODS = (
+    "probe",
+    "head",
+    "full",
+    "lora",
+    "adalora",
+    "lisa",
+    "id3",
+    "sara",
+    "ssf",
+    "spiel",
+    "peft_lora",
+    "peft_adalora",
+)
 LABELS = {
     "probe": "head only, fit to convergence (L-BFGS)",
     "head": "head only (frozen encoder)",
@@ -53,6 +67,7 @@ LABELS = {
     "id3": "ID3 (LoRA r=8's count)",
     "sara": "SaRA (LoRA r=8's count)",
     "ssf": "SSF (the six linears + LayerNorms)",
+    "spiel": "SpIEL (LoRA r=8's count, moving)",
     "peft_lora": "peft LoRA r=8 (plain loop)",
     "peft_adalora": "peft AdaLoRA r=12 → 8 (plain loop)",
 }
@@ -78,7 +93,7 @@ def _adalora_schedule(total: int) -> dict[str, int]:
 
 
 def _callback(method: str, model, total: int):
-    from lightning_peft import ID3, LISA, SSF, AdaLoRA, LoRA, SaRA
+    from lightning_peft import ID3, LISA, SSF, AdaLoRA, LoRA, SaRA, SpIEL
 
     common = {"backbone": "model", "target_modules": TARGETS, "modules_to_save": ["classifier"]}
     count, entries = _lora_count(model)
@@ -92,6 +107,8 @@ def _callback(method: str, model, total: int):
         return ID3(budget=count, **common)
     if method == "sara":
         return SaRA(fraction=count / entries, **common)
+    if method == "spiel":  # the reference's schedule (AlanAnsell/peft SftConfig defaults)
+        return SpIEL(budget=count, reselection_steps=20, accumulation_steps=5, drop_fraction=0.2, **common)
     if method == "ssf":  # its own, fixed count (a scale and a shift per channel): no budget to match
         return SSF(**{**common, "target_modules": [*TARGETS, "LayerNorm"]})
     raise ValueError(method)

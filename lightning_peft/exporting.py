@@ -143,7 +143,7 @@ def _export_shira(
         backbone = _backbone(model)
         sparse = sparse_state_dict(backbone)
         if not sparse:
-            raise ValueError(_NOT_SPARSE.format(what="this model has no sparse layers (ID³/SaRA)"))
+            raise ValueError(_NOT_SPARSE.format(what="this model has no sparse layers (ID³/SaRA/SpIEL)"))
         bank = {id(p) for _, layer in sparse_layers(backbone) for p in layer.parameters()}
         dense = [n for n, p in backbone.named_parameters() if p.requires_grad and id(p) not in bank]
         merged = _merge(copy.deepcopy(backbone))
@@ -166,7 +166,7 @@ def _export_shira(
 
 
 _NOT_SPARSE = (
-    "format='peft-shira' writes sparse results (ID³, SaRA), but {what}: a LoRA/AdaLoRA result is a peft adapter "
+    "format='peft-shira' writes sparse results (ID³, SaRA, SpIEL), but {what}: a LoRA/AdaLoRA result is a peft adapter "
     "already, and a LISA result is dense; export merged (format='auto') instead"
 )
 

@@ -19,7 +19,7 @@ from lightning_peft.adapters.delta import delta_config, write_delta
 from lightning_peft.adapters.sparse import inject_sparse, sparse_bank, sparse_layers
 from lightning_peft.zoo import build_entry, fingerprint
 
-METHODS = ("lora", "adalora", "lisa", "id3", "sara")
+METHODS = ("lora", "adalora", "lisa", "id3", "sara", "spiel")
 
 _BLOCKER = """
 import sys
@@ -120,7 +120,7 @@ def make_result(method: str, model: nn.Module, folder: Path, name: str = "result
                 changed[pname] = param.detach().clone()
         write_delta(folder, changed, delta_config("lisa", "dense", list(changed)))
     else:  # a sparse delta from the method's own callback's save
-        from lightning_peft import ID3, SaRA
+        from lightning_peft import ID3, SaRA, SpIEL
 
         inject_sparse(model, {t: ("weight",) for t in targets}, capacity=8 * len(targets))
         for _, layer in sparse_layers(model):
@@ -130,7 +130,7 @@ def make_result(method: str, model: nn.Module, folder: Path, name: str = "result
         assert bank is not None
         with torch.no_grad():
             bank.values.normal_(std=0.1)
-        callback = ID3(budget=8 * len(targets)) if method == "id3" else SaRA()
-        callback.save(model, folder)
+        callback = {"id3": ID3(budget=8 * len(targets)), "sara": SaRA(), "spiel": SpIEL(budget=8 * len(targets))}
+        callback[method].save(model, folder)
     build_entry(folder, model, None, name, adapter_written=True, method=method, base_fingerprint=base)
     return model

@@ -32,6 +32,8 @@ SHORT_SCHEDULE: dict[str, Any] = {
     "total_step": STEPS,
     "total_steps": STEPS,  # ID3: the whole budget is unmasked within the run
     "interval": 1,  # LISA: a new draw every step
+    "reselection_steps": 3,  # SpIEL: an update after the first step's gradients
+    "accumulation_steps": 1,
 }
 """Callback arguments that tie a schedule to a long run (when a recipe sets them), and their value in a short run."""
 
@@ -93,6 +95,7 @@ def test_there_are_examples_for_every_family() -> None:
         "dit_lora",
         "audio_adalora",
         "llama_adalora",
+        "llama_spiel",
         "minilm_lora",
     } <= names
 

@@ -141,7 +141,7 @@ def _sparse_result(folder, method: str = "id3"):
     """A tiny Llama with a sparse result the SHiRA export must split three ways, written as a zoo entry: Linear
     weights with a few entries (SHiRA layers), one Linear so dense that no shared r fits it and a norm weight
     (modules to save, whole), and ``lm_head`` trained in full (the callback's ``modules_to_save``)."""
-    from lightning_peft import ID3, SaRA
+    from lightning_peft import ID3, SaRA, SpIEL
     from lightning_peft.adapters.sparse import inject_sparse, sparse_bank, sparse_layers
     from lightning_peft.zoo import build_entry, fingerprint
 
@@ -164,15 +164,17 @@ def _sparse_result(folder, method: str = "id3"):
         bank.values.copy_(0.1 * torch.randn(bank.values.shape, generator=gen))
         model.lm_head.weight.add_(0.1 * torch.randn(model.lm_head.weight.shape, generator=gen))
     model.lm_head.requires_grad_(True)
-    callback = (
-        ID3(budget=bank.capacity, modules_to_save=["lm_head"]) if method == "id3" else SaRA(modules_to_save=["lm_head"])
-    )
+    callback = {
+        "id3": ID3(budget=bank.capacity, modules_to_save=["lm_head"]),
+        "sara": SaRA(modules_to_save=["lm_head"]),
+        "spiel": SpIEL(budget=bank.capacity, modules_to_save=["lm_head"]),
+    }[method]
     callback.save(model, folder)
     build_entry(folder, model, None, "sparse", adapter_written=True, method=method, base_fingerprint=base)
     return model.eval()
 
 
-@pytest.mark.parametrize("method", ["id3", "sara"])
+@pytest.mark.parametrize("method", ["id3", "sara", "spiel"])
 def test_sparse_results_load_into_peft_as_shira_with_the_same_outputs(tmp_path, method, monkeypatch) -> None:
     import json
 

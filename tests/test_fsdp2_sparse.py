@@ -1,9 +1,10 @@
-"""ID3 and SaRA under 2-process FSDP2 (``ModelParallelStrategy`` + ``lightning_peft.shard``, gloo, CPU).
+"""ID3, SaRA and SpIEL under 2-process FSDP2 (``ModelParallelStrategy`` + ``lightning_peft.shard``, gloo, CPU).
 
 The sparse bank is kept whole on every rank and its gradient averaged; each rank writes the learned values into
 its own shards. Each spec's events happen during the 8-step run: ID3 unmasks its budget over 4 steps (a new
 choice at every one of them, scored on gradients all-reduced across ranks); SaRA selects, is penalised every
-step and re-selects at step 4 (entries retire, others join). ``lm_head`` is a target too: it sits in FSDP2's root
+step and re-selects at step 4 (entries retire, others join); SpIEL draws at random, then drops and regrows at steps
+1, 4 and 7 from gradients averaged across ranks. ``lm_head`` is a target too: it sits in FSDP2's root
 group, which stays unsharded between forward and backward, unlike the blocks.
 
 The decisions (selected indices, bank slots, retired deltas) are the sparse layers' buffers; the harness records
@@ -33,6 +34,16 @@ SPECS = {
     "SaRA": {
         "class": "SaRA",
         "init_args": {"fraction": 0.1, "reselect_at": 4, "rank_penalty": 0.1, "target_modules": TARGETS},
+    },
+    "SpIEL": {
+        "class": "SpIEL",
+        "init_args": {
+            "budget": 200,
+            "reselection_steps": 3,
+            "accumulation_steps": 1,
+            "drop_fraction": 0.5,
+            "target_modules": TARGETS,
+        },
     },
 }
 
@@ -75,6 +86,10 @@ def test_events_happened(runs) -> None:
     if runs["name"] == "ID3":
         assert state["unmasker"]["next_step"] == 4 and state["unmasker"]["unmasked"] == 200
         assert active == selected == 200
+    elif runs["name"] == "SpIEL":
+        assert state["updates"] == 3  # at completed steps 1, 4 and 7 of 8
+        assert 0 < active <= 200
+        assert selected > active, "no entry moved"
     else:
         assert state["reselect_step"] == 4
         assert selected > active > 0, "the re-selection retired no entry"

@@ -11,7 +11,19 @@ from lightning_peft.callbacks.id3 import ID3
 from lightning_peft.callbacks.lisa import LISA
 from lightning_peft.callbacks.lora import LoRA
 from lightning_peft.callbacks.sara import SaRA
+from lightning_peft.callbacks.spiel import SpIEL
 from lightning_peft.callbacks.ssf import SSF
 from lightning_peft.callbacks.zoo_publisher import ZooPublisher
 
-__all__ = ["ID3", "LISA", "AdaLoRA", "AdapterCheckpoints", "LoRA", "MethodCallback", "SSF", "SaRA", "ZooPublisher"]
+__all__ = [
+    "ID3",
+    "LISA",
+    "AdaLoRA",
+    "AdapterCheckpoints",
+    "LoRA",
+    "MethodCallback",
+    "SSF",
+    "SaRA",
+    "SpIEL",
+    "ZooPublisher",
+]

@@ -11,7 +11,7 @@ checkpoint) keeps in ``state_dict`` only
 * every buffer (the methods' bookkeeping: sparse indices, slots, pretrained values; BatchNorm statistics),
 
 plus, as always, the optimizer, the loops, the callbacks' state, and a ``"lightning_peft"`` record: the
-method, the base model's fingerprint and the keys left out. ID3 and SaRA merge their values into the frozen
+method, the base model's fingerprint and the keys left out. ID3, SaRA and SpIEL merge their values into the frozen
 weights in place; those weights are left out and rebuilt exactly from the bookkeeping (pretrained values,
 learned deltas, the bank) when the checkpoint loads.
 
@@ -74,7 +74,7 @@ class AdapterCheckpoints(Callback):
             found = ", ".join(type(m).__name__ for m in methods) or "none"
             raise ValueError(
                 "AdapterCheckpoints keeps what one method trains: put exactly one method callback (LoRA, AdaLoRA, SSF, "
-                f"LISA, ID3, SaRA) in the trainer beside it; found {found}"
+                f"LISA, ID3, SaRA, SpIEL) in the trainer beside it; found {found}"
             )
         self.method = methods[0]
         from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy

@@ -10,4 +10,5 @@ Lightning hooks. Nothing here imports Lightning.
 * :class:`~lightning_peft.methods.id3.Unmasker`: ID³'s step-by-step global top-k unmasking (``ID3``).
 * :class:`~lightning_peft.methods.sara.SaRASelector` and :func:`~lightning_peft.methods.sara.nuclear_norm_grad`:
   SaRA's smallest-weight selection and low-rank penalty (``SaRA``).
+* :class:`~lightning_peft.methods.spiel.SpIELSelector`: SpIEL's drop-and-regrow schedule (``SpIEL``).
 """

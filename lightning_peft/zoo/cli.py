@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         "search", parents=[common], help="search entries (case-insensitive; the same locally and on the Hub)"
     )
     p.add_argument("query", nargs="?", help="a substring of the name, method, base model or a tag")
-    p.add_argument("--method", help="lora, adalora, lisa, id3, sara or ssf, in any case")
+    p.add_argument("--method", help="lora, adalora, lisa, id3, sara, ssf or spiel, in any case")
     p.add_argument("--base-model", help="a substring of the base model's id")
     for name, text in (
         ("info", "show an entry's manifest"),
@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         "--format",
         default="auto",
         choices=FORMATS,
-        help="the model's own format (auto); diffusers-lora: a UNet LoRA unmerged; peft-shira: ID3/SaRA for peft",
+        help="the model's own format (auto); diffusers-lora: a UNet LoRA unmerged; peft-shira: ID3/SaRA/SpIEL for peft",
     )
     p.add_argument("--allow-base-mismatch", action="store_true", help="skip the base fingerprint check")
     p = sub.add_parser(

@@ -1,6 +1,6 @@
-"""A sparse method (ID3 or SaRA) under 2 CPU processes with ``ddp_selective``; each rank writes its whole state.
+"""A sparse method (ID3, SaRA or SpIEL) under 2 CPU processes with ``ddp_selective``; each rank writes its whole state.
 
-Run as ``python tests/scripts/ddp_sparse.py OUT_DIR METHOD`` with METHOD ``id3`` or ``sara``. Each
+Run as ``python tests/scripts/ddp_sparse.py OUT_DIR METHOD`` with METHOD ``id3``, ``sara`` or ``spiel``. Each
 rank perturbs its weights differently before fit and sees other batches, so equal results prove the
 strategy and the method kept the ranks in step (weights, indices, slots, bank).
 """
@@ -38,6 +38,8 @@ class Record(Callback):
         state = {k: v.detach().contiguous() for k, v in pl_module.state_dict().items()}
         save_file(state, str(self.out / f"rank{rank}.safetensors"))
         log = {"seeds": self.seeds, "active": self.active, "step": trainer.global_step}
+        if hasattr(self.method, "moved"):  # SpIEL: (completed steps, entries moved) of each update
+            log["moved"] = [list(m) for m in self.method.moved]
         (self.out / f"rank{rank}.json").write_text(json.dumps(log))
 
 
@@ -45,13 +47,17 @@ def main() -> None:
     out, method = Path(sys.argv[1]), sys.argv[2]
     out.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("LOCAL_RANK", "0"))
-    family = "llama" if method == "id3" else "unet"
+    family = "unet" if method == "sara" else "llama"
     module = FamilyModule(family, n_batches=12, lr=1e-2)
     with torch.no_grad():  # a different start on each rank: only the strategy's broadcast makes them equal
         for p in module.parameters():
             p.add_(0.01 * rank)
     if method == "id3":
         callback = lightning_peft.ID3(budget=120, total_steps=4, save_dir=str(out / "delta"))
+    elif method == "spiel":
+        callback = lightning_peft.SpIEL(
+            budget=120, reselection_steps=3, accumulation_steps=1, drop_fraction=0.5, save_dir=str(out / "delta")
+        )
     else:
         callback = lightning_peft.SaRA(fraction=0.1, rank_penalty=0.1, reselect_at=3, save_dir=str(out / "delta"))
     trainer = quiet_trainer(

@@ -1,7 +1,7 @@
 """A fit on the project's own data module that can be SIGKILLed mid-epoch and resumed from its last checkpoint.
 
 ``python tests/scripts/killed_fit.py OUT METHOD MODE`` with ``METHOD`` in ``lora``, ``adalora`` (the latter with
-``accumulate_grad_batches=2``), ``lisa``, ``id3``, ``sara``, ``ssf`` and ``MODE``:
+``accumulate_grad_batches=2``), ``lisa``, ``id3``, ``sara``, ``ssf``, ``spiel`` and ``MODE``:
 
 * ``straight``: the whole run; writes ``OUT/result.safetensors`` (what trains) and ``OUT/result.json``.
 * ``kill``: the same run with a checkpoint every ``EVERY`` optimizer steps (``OUT/ckpt/last.ckpt``); at optimizer step
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from lightning_peft import ID3, LISA, SSF, AdaLoRA, LoRA, SaRA  # noqa: E402
+from lightning_peft import ID3, LISA, SSF, AdaLoRA, LoRA, SaRA, SpIEL  # noqa: E402
 from lightning_peft.callbacks import AdapterCheckpoints  # noqa: E402
 from lightning_peft.tasks import DigitsDataModule, ImageClassifier  # noqa: E402
 
@@ -81,6 +81,8 @@ def main() -> None:
         peft = SSF(init="normal", modules_to_save=["head"])
     elif method == "id3":
         peft = ID3(budget=300, total_steps=40, modules_to_save=["head"])
+    elif method == "spiel":  # the checkpoint at step 30 is inside the window of steps 29..31 (update at 32)
+        peft = SpIEL(budget=300, reselection_steps=6, accumulation_steps=2, modules_to_save=["head"])
     else:
         peft = SaRA(fraction=0.1, reselect_at=20, rank_penalty=0.01, modules_to_save=["head"])
     callbacks: list[Callback] = [peft, Record(out)]
