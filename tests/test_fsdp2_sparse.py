@@ -89,7 +89,8 @@ def test_events_happened(runs) -> None:
     elif runs["name"] == "SpIEL":
         assert state["updates"] == 3  # at completed steps 1, 4 and 7 of 8
         assert 0 < active <= 200
-        assert selected > active, "no entry moved"
+        assert state["moved"] and all(n > 0 for _, n in state["moved"]), "no entry moved"
+        assert selected == active, "dropped entries were not forgotten"
     else:
         assert state["reselect_step"] == 4
         assert selected > active > 0, "the re-selection retired no entry"

@@ -320,6 +320,48 @@ def test_retire_keeps_what_was_learned_and_re_add_resumes_it() -> None:
     assert layer.active_indices("weight").tolist() == [9, 11]
 
 
+def test_forget_sends_retired_entries_back_to_the_base_and_out_of_the_buffers() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4))
+    original = model[0].weight.detach().clone().view(-1)
+    bank = inject_sparse(model, {"0": ("weight",)}, capacity=3)
+    layer = dict(sparse_layers(model))["0"]
+    layer.add("weight", torch.tensor([2, 9, 11]))
+    with torch.no_grad():
+        bank.values.copy_(torch.tensor([0.5, -0.25, 0.125]))
+    layer.retire("weight", torch.tensor([2, 9]))
+    weight = layer.base_layer.weight.view(-1)
+    torch.testing.assert_close(weight[2], original[2] + 0.5)  # retired: the learned delta stays in the weight
+    with pytest.raises(ValueError, match="not retired entries"):
+        layer.forget("weight", torch.tensor([9, 11]))  # 11 is active
+    with pytest.raises(ValueError, match="not retired entries"):
+        layer.forget("weight", torch.tensor([3]))  # never selected
+    assert layer.selected_count() == 3  # a refusal changes nothing
+    layer.forget("weight", torch.tensor([9]))
+    assert layer.indices("weight").tolist() == [2, 11] and layer.selected_count() == 2
+    torch.testing.assert_close(weight[9], original[9])  # back at its pretrained value
+    torch.testing.assert_close(weight[2], original[2] + 0.5)
+    idx, delta = layer.delta("weight")
+    assert idx.tolist() == [2, 11]
+    torch.testing.assert_close(delta, torch.tensor([0.5, 0.125]))
+    layer.forget("weight", torch.tensor([2]))
+    assert layer._buffers["sparse_weight_frozen"].numel() == 0  # no frozen delta left: the buffer is empty again
+    layer.sync()  # the active entry's value (set above) reaches the weight at the next forward or sync
+    torch.testing.assert_close(weight, original.clone().index_add_(0, torch.tensor([11]), torch.tensor([0.125])))
+    # added again, a forgotten entry starts from the pretrained value with a fresh slot
+    layer.add("weight", torch.tensor([9]))
+    _, delta = layer.delta("weight")
+    assert layer.indices("weight").tolist() == [11, 9] and float(delta[0]) == 0.0
+    # the shrunk buffers checkpoint and load into a fresh injection
+    fresh = nn.Sequential(nn.Linear(4, 4))
+    fresh[0].weight.data.copy_(original.view(4, 4))
+    fresh[0].bias.data.copy_(model[0].base_layer.bias)
+    inject_sparse(fresh, {"0": ("weight",)}, capacity=3)
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(fresh(x), model(x))
+
+
 def test_add_and_retire_validate_their_input() -> None:
     model = nn.Sequential(nn.Linear(3, 2))
     inject_sparse(model, {"0": ("weight",)}, capacity=10)

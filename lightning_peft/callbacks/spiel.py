@@ -44,9 +44,10 @@ class SpIEL(SparseMethod):
     entry's slot is reused by a newcomer with zero value and zero moments. Gradients of entries not trained yet
     are read in each target layer's backward (the dense gradient exists there anyway) during the accumulation
     windows only; the first one of a window picks ``k_i`` candidates per tensor, later ones are summed at those
-    candidates (O(budget) memory). The layers' bookkeeping keeps every entry ever trained (16 bytes each for
-    float32 weights, a dropped one with delta 0), so it grows with the entries moved over the run, not with the
-    model; the saved delta leaves the zero ones out.
+    candidates (O(budget) memory). A dropped entry is forgotten by its layer (:meth:`SparseDeltaLayer.forget`: its
+    weight back at the pretrained value, its position, base value and slot out of the buffers), so the bookkeeping
+    holds the ``budget`` current entries only (13 bytes each for float32 weights), however many moves the run makes;
+    the saved delta leaves out entries whose delta is exactly zero.
 
     Hooks: ``setup`` resolves the targets (the preset's layers by default), splits the budget, fingerprints the
     base and injects; ``on_train_start`` resolves ``total_steps`` (the run's optimizer steps by default), applies
@@ -257,7 +258,9 @@ class SpIEL(SparseMethod):
                 if not drop.numel():
                     continue
                 bank.values.index_fill_(0, slots[torch.isin(active, drop)], 0.0)  # dropped: back to the base value
-                freed = layer.retire(pname, drop.sort().values)
+                dropped = drop.sort().values
+                freed = layer.retire(pname, dropped)
+                layer.forget(pname, dropped)  # back at the base value: out of the bookkeeping too
                 for optimizer in trainer.optimizers:
                     reset_optimizer_slots(optimizer, bank.values, freed)
                 layer.add(pname, grow.sort().values)
@@ -303,9 +306,10 @@ class SpIEL(SparseMethod):
     # ----------------------------------------------------------------------------------------- results
     @override
     def result_tensors(self, root: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """As :class:`SparseMethod`'s, less the entries whose delta is zero (those dropped back to the base value).
+        """As :class:`SparseMethod`'s, less the entries whose delta is exactly zero (they change nothing applied).
 
-        The layers keep every entry ever trained; a dropped one holds delta 0, which changes nothing when applied.
+        Dropped entries are forgotten by their layers already; an entry grown at the last update and not trained
+        since still holds 0.
         """
         tensors, dense = super().result_tensors(root)
         for key in [k for k in tensors if k.endswith(".indices") and k not in dense]:

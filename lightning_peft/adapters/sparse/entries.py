@@ -169,22 +169,27 @@ class SparseEntries:
                 raise ValueError(f"{what}: indices repeat; pass each flat position once")
         return flat
 
-    def _entries_to_move(
-        self, name: str, indices: torch.Tensor, move: str, active: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(flat, selected before, position in the buffers)`` of the entries ``add``/``retire`` is asked to move.
+    #: what each move needs of its entries, and what the others are called in its error
+    _MOVES = {"add": ("inactive", "already active"), "retire": ("active", "not active"), "forget": ("retired", "")}
 
-        Raises the ``ValueError`` of bad indices, or of entries that are not all ``active`` (retire) / all inactive
-        (add), before anything changes. ``flat`` is int64 on the weight's device (empty: nothing to do).
+    def _entries_to_move(
+        self, name: str, indices: torch.Tensor, move: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(flat, selected before, position in the buffers)`` of the entries ``add``/``retire``/``forget`` moves.
+
+        Raises the ``ValueError`` of bad indices, or of entries not in the state the move needs (``add``: not active;
+        ``retire``: active; ``forget``: selected once and retired), before anything changes. ``flat`` is int64 on the
+        weight's device (empty: nothing to do).
         """
         what = f"{move}({name!r})"
         flat = self._validate(name, indices, what)
         if flat.numel() == 0:
             return flat, flat.bool(), flat
         found, pos, now = self._lookup(name, flat)
-        wrong = now if not active else ~now
+        needs, others = self._MOVES[move]
+        wrong = {"inactive": now, "active": ~now, "retired": now | ~found}[needs]
         if bool(wrong.any()):
-            state = "already active" if not active else "not active"
+            state = others or f"not retired entries of {name} (active, or never selected)"
             raise ValueError(f"{what}: {int(wrong.sum())} entries are {state}, e.g. {_sample(flat[wrong])}")
         return flat, found, pos
 
@@ -209,7 +214,7 @@ class SparseEntries:
         Under FSDP2 the pretrained values of new entries come from the ranks that hold them (a collective: call
         it on every rank with the same indices).
         """
-        flat, found, pos = self._entries_to_move(name, indices, "add", active=False)
+        flat, found, pos = self._entries_to_move(name, indices, "add")
         if flat.numel() == 0:
             return flat
         slots_buf = self._buf(name, "slots")
@@ -251,7 +256,7 @@ class SparseEntries:
         Raises:
             ValueError: bad indices or entries that are not active.
         """
-        flat, _, pos = self._entries_to_move(name, indices, "retire", active=True)
+        flat, _, pos = self._entries_to_move(name, indices, "retire")
         if flat.numel() == 0:
             return flat
         slots_buf = self._buf(name, "slots")
@@ -264,6 +269,37 @@ class SparseEntries:
         self.bank.release(slots)
         self._refresh(name)
         return slots
+
+    @torch.no_grad()
+    def forget(self, name: str, indices: torch.Tensor) -> None:
+        """Drop retired entries from the bookkeeping: their weights go back to the pretrained value.
+
+        What they learned is discarded (a method that sends an entry back to its base, as SpIEL's drop does), and
+        their positions, base values and frozen deltas leave the buffers, so the bookkeeping holds only entries that
+        still matter. Added again later, an entry starts afresh from the pretrained value. Nothing changes if an
+        error is raised. Under FSDP2 each rank writes its own shards (call it on every rank with the same indices).
+
+        Args:
+            name: a parameter of this layer's ``param_names``.
+            indices: 1-D int64 flat positions of retired entries.
+
+        Raises:
+            ValueError: bad indices, or entries that are active or were never selected.
+        """
+        flat, _, pos = self._entries_to_move(name, indices, "forget")
+        if flat.numel() == 0:
+            return
+        if self.merged:  # the weight holds base + frozen at retired entries
+            self._write(name, flat, self._buf(name, "base")[pos].float())
+        keep = torch.ones(self._buf(name, "indices").numel(), dtype=torch.bool, device=flat.device)
+        keep[pos] = False
+        for field in ("indices", "base", "slots"):
+            self._set(name, field, self._buf(name, field)[keep])
+        frozen = self._buf(name, "frozen")
+        if frozen.numel():  # back to empty (all zero) once no entry left has a frozen delta
+            frozen = frozen[keep]
+            self._set(name, "frozen", frozen if bool(frozen.any()) else frozen[:0])
+        self._refresh(name)
 
     @torch.no_grad()
     def delta(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
