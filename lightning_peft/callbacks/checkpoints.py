@@ -74,7 +74,7 @@ class AdapterCheckpoints(Callback):
             found = ", ".join(type(m).__name__ for m in methods) or "none"
             raise ValueError(
                 "AdapterCheckpoints keeps what one method trains: put exactly one method callback (LoRA, AdaLoRA, SSF, "
-                f"LISA, ID3, SaRA) in the trainer beside it; found {found}"
+                f"LISA, HFT, ID3, SaRA) in the trainer beside it; found {found}"
             )
         self.method = methods[0]
         from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy

@@ -208,7 +208,7 @@ class HubZoo:
         rows = []
         for m in models:
             tags = list(m.tags or [])
-            method = next((t for t in tags if t in ("lora", "adalora", "lisa", "id3", "sara")), "")
+            method = next((t for t in tags if t in ("lora", "adalora", "lisa", "hft", "id3", "sara", "ssf")), "")
             base = next((t.split(":", 1)[1] for t in tags if t.startswith("base_model:") and t.count(":") == 1), None)
             rows.append(
                 EntryInfo(
