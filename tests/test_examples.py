@@ -93,6 +93,7 @@ def test_there_are_examples_for_every_family() -> None:
         "dit_lora",
         "audio_adalora",
         "llama_adalora",
+        "llama_hft",
         "minilm_lora",
     } <= names
 
