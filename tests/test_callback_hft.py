@@ -273,3 +273,43 @@ def test_plain_ddp_is_refused_with_the_fix(tmp_path) -> None:
     _ = run_two_ranks("ddp_hft.py", tmp_path, "ddp")
     assert "ddp_selective" in (tmp_path / "error0.txt").read_text()
     assert not (tmp_path / "rank0.safetensors").exists()
+
+
+def test_a_bert_with_the_benchmarks_groups(tmp_path) -> None:
+    """MiniLM's layout (what benchmarks/quality.py trains): "attention.output.*" against "output.*", longest wins."""
+    import sys
+    from pathlib import Path
+
+    from transformers import BertConfig
+
+    from lightning_peft.tasks import SentenceClassifier
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from quality import HFT_GROUPS
+
+    BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24
+    ).save_pretrained(tmp_path)
+    module = SentenceClassifier(model_name=str(tmp_path), pretrained=False, lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randint(0, 40, (4, 6), generator=gen), torch.ones(4, 6, dtype=torch.long), torch.tensor([0, 1, 0, 1]))
+        for _ in range(2)
+    ]
+    hft = HFT(groups=HFT_GROUPS, backbone="model", seed=0)
+    quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[hft]).fit(
+        module, train_dataloaders=DataLoader(batches, batch_size=None)
+    )
+    assert hft.categories == ["attention", "feed_forward", "norm"]  # nothing left over in a BERT layer
+    first = [n.split("layer.0.", 1)[1] for n in hft.unit_names if ".layer.0." in n]
+    assert first == [
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+        "attention.output.LayerNorm",
+        "output.LayerNorm",
+    ]
+    assert len(hft.active) == 8 and hft.always_on_names == ["encoder.embeddings", "classifier"]
