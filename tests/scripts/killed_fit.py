@@ -78,7 +78,7 @@ def main() -> None:
     elif method == "lisa":
         peft = LISA(n_layers=1, interval=4, always_on=["head"])
     elif method == "hft":
-        peft = HFT(interval=4, seed=1)  # the checkpoint at step 30 is inside the round of steps 28-31
+        peft = HFT(interval=8, seed=1, always_on=["head"])  # the checkpoint at step 30 is inside round 24-31
     elif method == "ssf":
         peft = SSF(init="normal", modules_to_save=["head"])
     elif method == "id3":
