@@ -90,6 +90,23 @@ def test_groups_switch_every_interval_and_release_gradients_and_optimizer_state(
     assert hft.counts == [sum(2 for k in range(0, 8, 2) if i in selector.active(k)) for i in range(N_UNITS)]
 
 
+class ZeroGradKept(FamilyModule):
+    """``zero_grad(set_to_none=False)``: gradients stay allocated between steps unless the callback drops them."""
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer) -> None:
+        optimizer.zero_grad(set_to_none=False)
+
+
+def test_a_group_that_goes_frozen_drops_its_gradient_even_when_zero_grad_keeps_them() -> None:
+    hft, watch = HFT(interval=2, seed=0), Watch()
+    module = ZeroGradKept("llama", n_batches=8)
+    fit(module, [hft, watch])
+    selector = HalfSelector([[4, 3, 2], [4, 3, 2]], interval=2, seed=0)
+    always = {n for n, _ in module.named_parameters() if n.startswith(ALWAYS)}
+    for record in watch.steps:
+        assert record["with_grad"] == unit_params(hft, selector.active(record["step"])) | always
+
+
 def test_other_families_and_odd_groups() -> None:
     """ViT (2 + 2 + 2 per block) and GPT-2 (fused c_attn) from their presets: exactly half of each block trains."""
     for family in ("vit", "gpt2"):
