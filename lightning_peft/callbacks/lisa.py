@@ -82,6 +82,9 @@ class LISA(ScheduledSelection):
     the blocks drawn at least once), written as a dense weight delta with the base fingerprint taken
     before training; blocks that never trained are not written.
 
+    All of this but the draw is :class:`~lightning_peft.callbacks.scheduled.ScheduledSelection`, shared with
+    :class:`~lightning_peft.callbacks.HFT` (whose units are parameter groups inside the blocks rather than blocks).
+
     Args:
         n_layers: blocks trained at a time, ``1 <= n_layers <=`` number of blocks.
         interval: optimizer steps between draws, ``>= 1``.
