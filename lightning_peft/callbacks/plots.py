@@ -175,7 +175,7 @@ def plot_group_steps(
         blocks: the blocks' names, in order (the columns).
         members: per unit, ``(block index, member name inside the block)``; the member names are the rows.
         counts: per unit, the optimizer steps it trained.
-        steps: the optimizer steps of the run (the colour scale's top).
+        steps: the top of the colour scale (the most steps any group trained).
         path: the PNG to write.
     """
     plt = _pyplot()
@@ -192,7 +192,7 @@ def plot_group_steps(
     ax.set_xticks(range(len(blocks)), labels, rotation=90 if max(map(len, labels), default=0) > 4 else 0, fontsize=8)
     ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
     ax.set_xlabel(f"block ({prefix.rstrip('.') or 'blocks'})")
-    ax.set_title(f"HFT: optimizer steps each parameter group trained (of {steps})", fontsize=10)
+    ax.set_title("HFT: optimizer steps each parameter group trained", fontsize=10)
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
             if value == value:  # not NaN
