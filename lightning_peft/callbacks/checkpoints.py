@@ -54,7 +54,7 @@ class AdapterCheckpoints(Callback):
     """Make the trainer's checkpoints hold only what the method trains (and resume from them given the same base).
 
     Put it in ``Trainer(callbacks=[...])`` beside exactly one method callback (``LoRA``, ``AdaLoRA``, ``LISA``,
-    ``ID3``, ``SaRA``), or as one more ``class_path`` in a LightningCLI config.
+    ``HFT``, ``ID3``, ``SaRA``, ``SSF``), or as one more ``class_path`` in a LightningCLI config.
 
     Raises:
         ValueError: at setup, no method callback or several are in the trainer.
