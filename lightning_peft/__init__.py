@@ -28,6 +28,7 @@ _LAZY = {
     "ID3": "lightning_peft.callbacks",
     "SaRA": "lightning_peft.callbacks",
     "SSF": "lightning_peft.callbacks",
+    "HFT": "lightning_peft.callbacks",
     "SpIEL": "lightning_peft.callbacks",
     "SelectiveDDPStrategy": "lightning_peft.strategies",
     "shard": "lightning_peft.distributed",

@@ -19,7 +19,7 @@ any other ``nn.Module``     model.safetensors (the state_dict)     ``safetensors
 
 Order of work: the result's files are verified and the base fingerprint is checked before any weight is
 touched (:func:`lightning_peft.zoo.load_folder`); the result is loaded with the same code as
-:func:`lightning_peft.adapters.load_adapter` (LoRA/AdaLoRA layers injected then merged; LISA's dense delta
+:func:`lightning_peft.adapters.load_adapter` (LoRA/AdaLoRA layers injected then merged; LISA's and HFT's dense delta
 and ID³/SaRA's sparse delta written into the base tensors); the model is written into a temporary folder
 beside ``out_dir`` that is renamed into place (:func:`lightning_peft.fileio.staged_dir`). On any error
 nothing is left in ``out_dir``.
@@ -167,7 +167,7 @@ def _export_shira(
 
 _NOT_SPARSE = (
     "format='peft-shira' writes sparse results (ID³, SaRA, SpIEL), but {what}: a LoRA/AdaLoRA result is a peft adapter "
-    "already, and a LISA result is dense; export merged (format='auto') instead"
+    "already, and a LISA or HFT result is dense; export merged (format='auto') instead"
 )
 
 

@@ -19,7 +19,7 @@ from lightning_peft.adapters.delta import delta_config, write_delta
 from lightning_peft.adapters.sparse import inject_sparse, sparse_bank, sparse_layers
 from lightning_peft.zoo import build_entry, fingerprint
 
-METHODS = ("lora", "adalora", "lisa", "id3", "sara", "spiel")
+METHODS = ("lora", "adalora", "lisa", "id3", "sara", "hft", "spiel")
 
 _BLOCKER = """
 import sys
@@ -119,6 +119,15 @@ def make_result(method: str, model: nn.Module, folder: Path, name: str = "result
                     param.add_(0.1 * torch.randn_like(param))
                 changed[pname] = param.detach().clone()
         write_delta(folder, changed, delta_config("lisa", "dense", list(changed)))
+    elif method == "hft":  # a dense delta: the new values of every other target (half of each block's groups)
+        half = {f"{t}.weight" for t in targets[::2]}
+        changed = {}
+        for pname, param in model.named_parameters():
+            if pname in half:
+                with torch.no_grad():
+                    param.add_(0.1 * torch.randn_like(param))
+                changed[pname] = param.detach().clone()
+        write_delta(folder, changed, delta_config("hft", "dense", list(changed)))
     else:  # a sparse delta from the method's own callback's save
         from lightning_peft import ID3, SaRA, SpIEL
 

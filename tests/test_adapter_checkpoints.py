@@ -44,7 +44,7 @@ def fit(module: ImageClassifier, tmp_path, callbacks: list, ckpt_path: str | Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "adalora", "lisa", "id3", "sara", "ssf", "spiel"])
+@pytest.mark.parametrize("method", ["lora", "adalora", "lisa", "hft", "id3", "sara", "ssf", "spiel"])
 def test_resume_from_an_adapter_only_checkpoint_after_sigkill_is_exact(method: str, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("ADAPTER_ONLY", "1")
     straight = run(tmp_path / "straight", method, "straight")

@@ -95,6 +95,7 @@ def test_there_are_examples_for_every_family() -> None:
         "dit_lora",
         "audio_adalora",
         "llama_adalora",
+        "llama_hft",
         "llama_spiel",
         "minilm_lora",
     } <= names

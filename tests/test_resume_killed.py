@@ -30,7 +30,7 @@ def run(out: Path, method: str, mode: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "adalora", "ssf", "spiel"])
+@pytest.mark.parametrize("method", ["lora", "adalora", "ssf", "hft", "spiel"])
 def test_resume_after_sigkill_mid_epoch_is_exact(method: str, tmp_path) -> None:
     straight = run(tmp_path / "straight", method, "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]

@@ -22,6 +22,11 @@ register(
         block_paths=(f"{_AST}.layers", "layers"),
         always_on=_AST_ALWAYS_ON,
         head=("classifier",),
+        groups=(
+            ("attention", ("q_proj", "k_proj", "v_proj", "o_proj")),
+            ("feed_forward", ("mlp.fc1", "mlp.fc2")),
+            ("norm", ("layernorm_before", "layernorm_after")),
+        ),
     ),
     Preset(  # transformers < 5
         family="hf-ast",
@@ -29,6 +34,11 @@ register(
         block_paths=(f"{_AST}.encoder.layer", "encoder.layer"),
         always_on=_AST_ALWAYS_ON,
         head=("classifier",),
+        groups=(
+            ("attention", ("query", "key", "value", "attention.output.dense")),
+            ("feed_forward", ("intermediate.dense", "output.dense")),  # the longer entry wins attention.output.dense
+            ("norm", ("layernorm_before", "layernorm_after")),
+        ),
     ),
     model_types=("audio-spectrogram-transformer",),
 )
@@ -46,6 +56,11 @@ register(
             *_W2V_HEADS,
         ),
         head=_W2V_HEADS,
+        groups=(
+            ("attention", ("q_proj", "k_proj", "v_proj", "out_proj")),
+            ("feed_forward", _W2V_FEED_FORWARD),
+            ("norm", ("layer_norm", "final_layer_norm")),
+        ),
     ),
     model_types=("wav2vec2",),
 )
@@ -63,6 +78,11 @@ register(
         block_paths=("encoder.layers", "model.encoder.layers", "layers"),
         always_on=(*_WHISPER_STEM, *_WHISPER_NORM, *_WHISPER_HEADS),
         head=_WHISPER_HEADS,
+        groups=(
+            ("attention", ("q_proj", "k_proj", "v_proj", "out_proj")),
+            ("feed_forward", ("fc1", "fc2")),
+            ("norm", ("self_attn_layer_norm", "final_layer_norm")),
+        ),
     ),
     model_types=("whisper",),
 )

@@ -39,6 +39,9 @@ class Preset:
         always_on: Dotted names of modules or parameters that LISA keeps trainable. Not every name
             exists in every variant of the family; filter them with :func:`resolve_always_on`.
         head: The task head module name(s), if any; also filter them with :func:`resolve_always_on`.
+        groups: The parameter groups inside a block that HFT halves, ``(category, entries)`` pairs (attention,
+            feed-forward, norms); entries match module names relative to the block with peft list semantics.
+            Entries a variant of the family lacks match nothing.
     """
 
     family: str
@@ -46,6 +49,7 @@ class Preset:
     block_paths: tuple[str, ...]
     always_on: tuple[str, ...]
     head: tuple[str, ...] = ()
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 _PRESETS: dict[str, tuple[Preset, ...]] = {}

@@ -11,6 +11,11 @@ register(
         block_paths=("blocks",),
         always_on=("patch_embed", "cls_token", "reg_token", "pos_embed", "norm", "fc_norm", "attn_pool", "head"),
         head=("head",),
+        groups=(
+            ("attention", ("attn.qkv", "attn.proj")),
+            ("feed_forward", ("mlp.fc1", "mlp.fc2")),
+            ("norm", ("norm1", "norm2")),
+        ),
     ),
     library="timm",
     classes=("VisionTransformer",),

@@ -7,6 +7,7 @@ Importing this package also registers the ``"ddp_selective"`` strategy name
 from lightning_peft.callbacks.adalora import AdaLoRA
 from lightning_peft.callbacks.base import MethodCallback
 from lightning_peft.callbacks.checkpoints import AdapterCheckpoints
+from lightning_peft.callbacks.hft import HFT
 from lightning_peft.callbacks.id3 import ID3
 from lightning_peft.callbacks.lisa import LISA
 from lightning_peft.callbacks.lora import LoRA
@@ -16,6 +17,7 @@ from lightning_peft.callbacks.ssf import SSF
 from lightning_peft.callbacks.zoo_publisher import ZooPublisher
 
 __all__ = [
+    "HFT",
     "ID3",
     "LISA",
     "AdaLoRA",

@@ -54,7 +54,7 @@ class AdapterCheckpoints(Callback):
     """Make the trainer's checkpoints hold only what the method trains (and resume from them given the same base).
 
     Put it in ``Trainer(callbacks=[...])`` beside exactly one method callback (``LoRA``, ``AdaLoRA``, ``LISA``,
-    ``ID3``, ``SaRA``), or as one more ``class_path`` in a LightningCLI config.
+    ``HFT``, ``ID3``, ``SaRA``, ``SSF``), or as one more ``class_path`` in a LightningCLI config.
 
     Raises:
         ValueError: at setup, no method callback or several are in the trainer.
@@ -74,7 +74,7 @@ class AdapterCheckpoints(Callback):
             found = ", ".join(type(m).__name__ for m in methods) or "none"
             raise ValueError(
                 "AdapterCheckpoints keeps what one method trains: put exactly one method callback (LoRA, AdaLoRA, SSF, "
-                f"LISA, ID3, SaRA, SpIEL) in the trainer beside it; found {found}"
+                f"LISA, HFT, ID3, SaRA, SpIEL) in the trainer beside it; found {found}"
             )
         self.method = methods[0]
         from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy

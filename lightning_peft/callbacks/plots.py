@@ -164,3 +164,39 @@ def plot_ssf(scale_change: dict[str, float], shift: dict[str, float], path: str 
         ax.set_title(f"SSF: {title}", fontsize=10)
         fig.colorbar(image, ax=ax, fraction=0.046)
     return _save(fig, path)
+
+
+def plot_group_steps(
+    blocks: list[str], members: list[tuple[int, str]], counts: list[int], steps: int, path: str | os.PathLike
+) -> Path:
+    """HFT: how many optimizer steps each parameter group (row) of each block (column) trained, as a PNG.
+
+    Args:
+        blocks: the blocks' names, in order (the columns).
+        members: per unit, ``(block index, member name inside the block)``; the member names are the rows.
+        counts: per unit, the optimizer steps it trained.
+        steps: the top of the colour scale (the most steps any group trained).
+        path: the PNG to write.
+    """
+    plt = _pyplot()
+    kinds = list(dict.fromkeys(kind for _, kind in members))
+    grid = [[float("nan")] * len(blocks) for _ in kinds]
+    for (block, kind), count in zip(members, counts, strict=True):
+        grid[kinds.index(kind)][block] = float(count)
+    prefix = _common_prefix(blocks)
+    labels = [b[len(prefix) :] or b for b in blocks]
+    fig, ax = plt.subplots(
+        figsize=(3 + 0.5 * len(blocks) + 0.05 * max(map(len, kinds), default=0), 1.4 + 0.35 * len(kinds))
+    )
+    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(steps, 1), aspect="auto")
+    ax.set_xticks(range(len(blocks)), labels, rotation=90 if max(map(len, labels), default=0) > 4 else 0, fontsize=8)
+    ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
+    ax.set_xlabel(f"block ({prefix.rstrip('.') or 'blocks'})")
+    ax.set_title("HFT: optimizer steps each parameter group trained", fontsize=10)
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            if value == value:  # not NaN
+                color = "w" if value < max(steps, 1) / 2 else "k"
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center", color=color, fontsize=7)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="optimizer steps trained")
+    return _save(fig, path)

@@ -144,6 +144,10 @@ class LayerSampler:
         """The interval an optimizer step (0-based) belongs to."""
         return step // self.interval
 
+    def round_start(self, step: int) -> int:
+        """The first optimizer step of the interval ``step`` belongs to."""
+        return self.interval_index(step) * self.interval
+
     def is_switch(self, step: int) -> bool:
         """Whether ``step`` starts a new interval (the active set may change before it)."""
         return step % self.interval == 0

@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         "search", parents=[common], help="search entries (case-insensitive; the same locally and on the Hub)"
     )
     p.add_argument("query", nargs="?", help="a substring of the name, method, base model or a tag")
-    p.add_argument("--method", help="lora, adalora, lisa, id3, sara, ssf or spiel, in any case")
+    p.add_argument("--method", help="lora, adalora, lisa, hft, id3, sara, ssf or spiel, in any case")
     p.add_argument("--base-model", help="a substring of the base model's id")
     for name, text in (
         ("info", "show an entry's manifest"),

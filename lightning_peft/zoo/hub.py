@@ -208,7 +208,9 @@ class HubZoo:
         rows = []
         for m in models:
             tags = list(m.tags or [])
-            method = next((t for t in tags if t in ("lora", "adalora", "lisa", "id3", "sara", "spiel")), "")
+            method = next(
+                (t for t in tags if t in ("lora", "adalora", "lisa", "hft", "id3", "sara", "ssf", "spiel")), ""
+            )
             base = next((t.split(":", 1)[1] for t in tags if t.startswith("base_model:") and t.count(":") == 1), None)
             rows.append(
                 EntryInfo(

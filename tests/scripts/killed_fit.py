@@ -1,7 +1,7 @@
 """A fit on the project's own data module that can be SIGKILLed mid-epoch and resumed from its last checkpoint.
 
 ``python tests/scripts/killed_fit.py OUT METHOD MODE`` with ``METHOD`` in ``lora``, ``adalora`` (the latter with
-``accumulate_grad_batches=2``), ``lisa``, ``id3``, ``sara``, ``ssf``, ``spiel`` and ``MODE``:
+``accumulate_grad_batches=2``), ``lisa``, ``hft``, ``id3``, ``sara``, ``ssf``, ``spiel`` and ``MODE``:
 
 * ``straight``: the whole run; writes ``OUT/result.safetensors`` (what trains) and ``OUT/result.json``.
 * ``kill``: the same run with a checkpoint every ``EVERY`` optimizer steps (``OUT/ckpt/last.ckpt``); at optimizer step
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from lightning_peft import ID3, LISA, SSF, AdaLoRA, LoRA, SaRA, SpIEL  # noqa: E402
+from lightning_peft import HFT, ID3, LISA, SSF, AdaLoRA, LoRA, SaRA, SpIEL  # noqa: E402
 from lightning_peft.callbacks import AdapterCheckpoints  # noqa: E402
 from lightning_peft.tasks import DigitsDataModule, ImageClassifier  # noqa: E402
 
@@ -77,6 +77,8 @@ def main() -> None:
         peft = AdaLoRA(r=4, target_r=2, tinit=3, tfinal=3, deltaT=1, modules_to_save=["head"])
     elif method == "lisa":
         peft = LISA(n_layers=1, interval=4, always_on=["head"])
+    elif method == "hft":
+        peft = HFT(interval=8, seed=1, always_on=["head"])  # the checkpoint at step 30 is inside round 24-31
     elif method == "ssf":
         peft = SSF(init="normal", modules_to_save=["head"])
     elif method == "id3":
