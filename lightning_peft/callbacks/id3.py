@@ -109,10 +109,7 @@ class ID3(SparseMethod):
         save_dir: str | None = None,
         log_every: int = 50,
     ) -> None:
-        if isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0:
-            raise ValueError(f"ID3 budget must be a count >= 1 or a fraction in (0, 1), got {budget!r}")
-        if isinstance(budget, float) and not budget < 1:
-            raise ValueError(f"ID3 budget as a fraction must be in (0, 1), got {budget!r}; pass an int for a count")
+        self.check_budget(budget, "ID3")
         if not eps > 0:
             raise ValueError(f"ID3 eps must be > 0, got {eps!r}")
         if not exp >= 0:
@@ -127,18 +124,12 @@ class ID3(SparseMethod):
         self.budget_count = 0
         self.unmasker: Unmasker | None = None
         self._pending: dict[str, Any] | None = None
-        self._armed = False
         self._keys: dict[int, str] = {}  # id(layer) -> name relative to the backbone
 
     # ----------------------------------------------------------------------------------------- setup
     @override
     def capacity(self, root: nn.Module, targets: dict[str, tuple[str, ...]]) -> int:
-        total = self.total_params
-        count = self.budget if isinstance(self.budget, int) else max(1, int(round(self.budget * total)))
-        if count > total:
-            raise ValueError(
-                f"ID3 budget {count:,} exceeds the {total:,} entries of the targeted tensors; lower it or target more"
-            )
+        count = self.budget_entries(self.budget)
         self.budget_count = count
         return count
 
@@ -195,12 +186,6 @@ class ID3(SparseMethod):
         key = f"{self._keys[id(layer)]}:{name}"
         self.unmasker.observe(key, grad, layer.base_layer.get_parameter(name), layer.indices(name))
 
-    def _set_hooks(self, pl_module: pl.LightningModule, on: bool) -> None:
-        for _, layer in self.layers(pl_module):
-            layer.flush_grad_hook()  # a use without a backward (its output not in the loss) is scored now
-            layer.grad_hook = self._hook if on else None
-        self._armed = on
-
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -215,7 +200,7 @@ class ID3(SparseMethod):
         nothing_yet = self.bank_of(pl_module).used == 0
         want = (ends_window or nothing_yet) and self.unmasker.wants_gradients(trainer.global_step)
         if want != self._armed:
-            self._set_hooks(pl_module, want)
+            self.arm_grad_hooks(pl_module, self._hook if want else None)
 
     @override
     def on_before_optimizer_step(
@@ -238,7 +223,7 @@ class ID3(SparseMethod):
                 layer_name, pname = key.rsplit(":", 1)
                 slots = layers[layer_name].add(pname, indices)
                 bank_grad[slots] = grads[key].to(bank_grad) / scale
-            self._set_hooks(pl_module, False)
+            self.arm_grad_hooks(pl_module, None)
         self.log_density(trainer, pl_module, per_layer=(step + 1) % self.log_every == 0)
 
     # ----------------------------------------------------------------------------------------- state

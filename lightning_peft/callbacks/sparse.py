@@ -15,6 +15,7 @@ from lightning_peft import distributed
 from lightning_peft.adapters.delta import delta_config, write_delta
 from lightning_peft.adapters.quantized import quantization_of
 from lightning_peft.adapters.sparse import (
+    GradHook,
     SparseDeltaBank,
     SparseDeltaLayer,
     inject_sparse,
@@ -78,6 +79,35 @@ class SparseMethod(MethodCallback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(backbone=self.backbone, target_modules=self.target_modules)
+
+    # ----------------------------------------------------------------------------------------- budgets, hooks
+    @staticmethod
+    def check_budget(budget: float, who: str) -> None:
+        """Refuse, at construction, a budget that is neither a count ``>= 1`` (int) nor a fraction in ``(0, 1)``."""
+        if isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0:
+            raise ValueError(f"{who} budget must be a count >= 1 or a fraction in (0, 1), got {budget!r}")
+        if isinstance(budget, float) and not budget < 1:
+            raise ValueError(f"{who} budget as a fraction must be in (0, 1), got {budget!r}; pass an int for a count")
+
+    def budget_entries(self, budget: float) -> int:
+        """The budget as a count of the targeted entries (a fraction rounds, at least 1); refuses more than exist."""
+        total = self.total_params
+        count = budget if isinstance(budget, int) else max(1, int(round(budget * total)))
+        if count > total:
+            raise ValueError(
+                f"{type(self).__name__} budget {count:,} exceeds the {total:,} entries of the targeted tensors; lower "
+                "it or target more"
+            )
+        return int(count)
+
+    _armed = False  # whether the layers' grad hooks are set (arm_grad_hooks)
+
+    def arm_grad_hooks(self, pl_module: pl.LightningModule, hook: GradHook | None) -> None:
+        """Set (or, with None, clear) every sparse layer's ``grad_hook``; uses whose backward never came count first."""
+        for _, layer in self.layers(pl_module):
+            layer.flush_grad_hook()  # a use without a backward (its output not in the loss) is delivered now
+            layer.grad_hook = hook
+        self._armed = hook is not None
 
     # ----------------------------------------------------------------------------------------- subclass hooks
     def capacity(self, root: nn.Module, targets: dict[str, tuple[str, ...]]) -> int:

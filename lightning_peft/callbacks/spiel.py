@@ -117,10 +117,7 @@ class SpIEL(SparseMethod):
         save_dir: str | None = None,
         log_every: int = 50,
     ) -> None:
-        if isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0:
-            raise ValueError(f"SpIEL budget must be a count >= 1 or a fraction in (0, 1), got {budget!r}")
-        if isinstance(budget, float) and not budget < 1:
-            raise ValueError(f"SpIEL budget as a fraction must be in (0, 1), got {budget!r}; pass an int for a count")
+        self.check_budget(budget, "SpIEL")
         # checks the schedule's arguments now, before any trainer exists
         SpIELSelector(
             reselection_steps, accumulation_steps, drop_fraction, decay, 1 if total_steps is None else total_steps, seed
@@ -142,7 +139,6 @@ class SpIEL(SparseMethod):
         self.selector: SpIELSelector | None = None
         self.moved: list[tuple[int, int]] = []  # (completed steps, entries moved) of each update
         self._pending: dict[str, Any] | None = None
-        self._armed = False
         self._updated_at: int | None = None
         self._keys: dict[int, str] = {}  # id(layer) -> name relative to the backbone
         self._scaler: Any = None
@@ -154,19 +150,15 @@ class SpIEL(SparseMethod):
 
     @override
     def capacity(self, root: nn.Module, targets: dict[str, tuple[str, ...]]) -> int:
-        total = self.total_params
-        count = self.budget if isinstance(self.budget, int) else max(1, int(round(self.budget * total)))
-        if count > total:
-            raise ValueError(
-                f"SpIEL budget {count:,} exceeds the {total:,} entries of the targeted tensors; lower it or target more"
-            )
+        count = self.budget_entries(self.budget)
         sizes = self._tensor_keys(root, targets)
         self.counts = dict(zip(sizes, split_budget(count, list(sizes.values())), strict=True))
         self.budget_count = sum(self.counts.values())
         if self.budget_count == 0:
             raise ValueError(
-                f"SpIEL budget {count:,} gives no tensor an entry (each gets floor(budget * its size / {total:,}), the "
-                f"largest of the {len(sizes)} tensors has {max(sizes.values()):,} entries); raise the budget"
+                f"SpIEL budget {count:,} gives no tensor an entry (each gets floor(budget * its size / "
+                f"{self.total_params:,}), the largest of the {len(sizes)} tensors has {max(sizes.values()):,} entries);"
+                " raise the budget"
             )
         return self.budget_count
 
@@ -237,12 +229,6 @@ class SpIEL(SparseMethod):
         reduce = _mean_across_ranks if distributed.is_distributed() else None
         self.selector.observe(key, grad, self.counts[key], reduce)
 
-    def _set_hooks(self, pl_module: pl.LightningModule, on: bool) -> None:
-        for _, layer in self.layers(pl_module):
-            layer.flush_grad_hook()  # a use without a backward (its output not in the loss) counts now
-            layer.grad_hook = self._hook if on else None
-        self._armed = on
-
     # ----------------------------------------------------------------------------------------- update
     @torch.no_grad()
     def update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, completed: int) -> int:
@@ -279,14 +265,14 @@ class SpIEL(SparseMethod):
         step = trainer.global_step
         if self.selector.update_due(step) and self._updated_at != step:
             if self._armed:
-                self._set_hooks(pl_module, False)  # delivers what is left of the window first
+                self.arm_grad_hooks(pl_module, None)  # delivers what is left of the window first
             moved = self.update(trainer, pl_module, step)
             self._updated_at = step  # later micro-batches of the same optimizer step do not update again
             for logger in trainer.loggers:
                 logger.log_metrics({"spiel/moved": float(moved)}, step=step)
         want = self.selector.accumulating(step)
         if want != self._armed:
-            self._set_hooks(pl_module, want)
+            self.arm_grad_hooks(pl_module, self._hook if want else None)
 
     @override
     def on_before_optimizer_step(
@@ -301,7 +287,7 @@ class SpIEL(SparseMethod):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._armed:
-            self._set_hooks(pl_module, False)
+            self.arm_grad_hooks(pl_module, None)
 
     # ----------------------------------------------------------------------------------------- results
     @override
