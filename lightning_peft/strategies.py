@@ -46,7 +46,7 @@ name is registered when ``lightning_peft.callbacks`` or this module is imported)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -62,7 +62,14 @@ from typing_extensions import override
 
 from lightning_peft import distributed
 
-__all__ = ["SelectiveDDPStrategy", "check_dynamic_strategy"]
+__all__ = [
+    "SelectiveDDPStrategy",
+    "check_data_parallel_only",
+    "check_dynamic_strategy",
+    "check_same_base_on_every_rank",
+    "check_sharded",
+    "is_model_parallel",
+]
 
 _DEFAULT_TIMEOUT = timedelta(minutes=30)
 
@@ -339,3 +346,48 @@ if SelectiveDDPStrategy.strategy_name not in StrategyRegistry:
         SelectiveDDPStrategy,
         description="DDP without a wrapper: reduces the gradients of whatever requires grad at each optimizer step",
     )
+
+
+# ----------------------------------------------------------------------------- FSDP2 preconditions
+def is_model_parallel(strategy: object) -> bool:
+    """Whether ``strategy`` is Lightning's ``ModelParallelStrategy`` (FSDP2), by name (no import of it needed)."""
+    return type(strategy).__name__ == "ModelParallelStrategy"
+
+
+def check_data_parallel_only(strategy: object, who: str) -> None:
+    """Refuse ``ModelParallelStrategy`` with tensor parallelism (``lightning_peft.shard`` shards data-parallel only)."""
+    size = getattr(strategy, "_tensor_parallel_size", 1)
+    if is_model_parallel(strategy) and isinstance(size, int) and size > 1:
+        raise NotImplementedError(
+            f"{who} under ModelParallelStrategy runs data-parallel FSDP2 only, got tensor_parallel_size={size}: "
+            "tensor parallelism splits every block across ranks along other dimensions than FSDP2's, and "
+            "lightning_peft.shard refuses it. Use ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)."
+        )
+
+
+def check_same_base_on_every_rank(base: dict[str, Any], who: str) -> None:
+    """FSDP2 shards each rank's own copy (no broadcast, unlike DDP): the ranks must start from the same weights."""
+    if not distributed.is_distributed():
+        return
+    same = torch.tensor([float(distributed.broadcast_object(base["sha256"]) == base["sha256"])])
+    if distributed.all_reduce(same, "min").item() < 1:
+        raise ValueError(
+            f"{who} under ModelParallelStrategy: the ranks hold different base weights before sharding (their "
+            "fingerprints differ). fully_shard keeps each rank's own slice of its own copy, so the sharded model "
+            "would be a mix of them and the saved delta would not apply to any of them. Build or load the same "
+            "weights on every rank (e.g. from_pretrained, or seed the initialisation)."
+        )
+
+
+def check_sharded(names: dict[int, str], params: Sequence[nn.Parameter], who: str) -> None:
+    """Under several FSDP2 ranks every parameter the callback trains must be managed by FSDP2 (a ``DTensor``)."""
+    if not distributed.is_distributed():
+        return
+    plain = [names.get(id(p), "?") for p in params if not distributed.is_dtensor(p)]
+    if plain:
+        raise ValueError(
+            f"{who} under ModelParallelStrategy: {len(plain)} parameter(s) it trains are not sharded by FSDP2 (first: "
+            f"{plain[0]}); nothing would average their gradients across ranks, so the ranks would drift apart. "
+            "Call lightning_peft.shard(self.model, self.device_mesh) in configure_model (it shards every block, then "
+            "the root), as the lightning_peft.tasks modules do."
+        )

@@ -12,7 +12,15 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["Blocks", "NoBlocksError", "generic_blocks", "resolve_always_on", "resolve_blocks", "try_blocks"]
+__all__ = [
+    "Blocks",
+    "NoBlocksError",
+    "generic_blocks",
+    "outside_params",
+    "resolve_always_on",
+    "resolve_blocks",
+    "try_blocks",
+]
 
 
 @dataclass(frozen=True)
@@ -163,3 +171,23 @@ def generic_blocks(model: nn.Module) -> Blocks:
         names=tuple(f"{name}.{key}" for key in module._modules),
         modules=tuple(module._modules.values()),  # type: ignore[arg-type]
     )
+
+
+def outside_params(root: nn.Module, inside: set[int]) -> list[str]:
+    """The fewest dotted names (modules whole, else single parameters) covering every parameter whose id is not in
+    ``inside``: what LISA and HFT train always on a model no preset knows."""
+    names: list[str] = []
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        names.extend(prefix + n for n, p in module.named_parameters(recurse=False) if id(p) not in inside)
+        for child_name, child in module.named_children():
+            ids = {id(p) for p in child.parameters()}
+            if not ids:
+                continue
+            if ids.isdisjoint(inside):
+                names.append(prefix + child_name)
+            else:
+                walk(f"{prefix}{child_name}.", child)
+
+    walk("", root)
+    return names

@@ -10,10 +10,9 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_peft.backbones import Blocks, Preset
-from lightning_peft.callbacks import scheduled
 from lightning_peft.callbacks.scheduled import ScheduledSelection
 from lightning_peft.methods.lisa import LayerSampler
-from lightning_peft.strategies import check_dynamic_strategy
+from lightning_peft.strategies import check_data_parallel_only, check_dynamic_strategy
 
 __all__ = ["LISA"]
 
@@ -191,4 +190,4 @@ class LISA(ScheduledSelection):
 
 def _check_data_parallel_only(strategy: object) -> None:
     """Refuse ``ModelParallelStrategy`` with tensor parallelism (``lightning_peft.shard`` shards data-parallel only)."""
-    scheduled._check_data_parallel_only(strategy, "LISA")
+    check_data_parallel_only(strategy, "LISA")

@@ -12,7 +12,6 @@ delta with the base fingerprint taken before training, and puts the callback's s
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,8 +24,15 @@ from typing_extensions import override
 from lightning_peft import distributed
 from lightning_peft.adapters.delta import delta_config, write_delta
 from lightning_peft.backbones import Blocks, Preset, find_blocks, resolve_always_on
+from lightning_peft.backbones.blocks import outside_params
 from lightning_peft.callbacks.backbone import resolve_backbone
 from lightning_peft.callbacks.base import MethodCallback, restorer
+from lightning_peft.strategies import (
+    check_data_parallel_only,
+    check_same_base_on_every_rank,
+    check_sharded,
+    is_model_parallel,
+)
 from lightning_peft.zoo.entry import fingerprint
 
 __all__ = ["Schedule", "ScheduledSelection"]
@@ -156,7 +162,7 @@ class ScheduledSelection(MethodCallback):
         if stage != "fit":
             return
         self._check_strategy(trainer.strategy)
-        _check_data_parallel_only(trainer.strategy, self._who)
+        check_data_parallel_only(trainer.strategy, self._who)
         root, _, preset = resolve_backbone(pl_module, self.backbone)
         blocks = find_blocks(root, self.block_path)
         unit_names, unit_params = self._find_units(root, blocks, preset)
@@ -182,8 +188,8 @@ class ScheduledSelection(MethodCallback):
         self.always_on_names = found
         self._bind(root)
         self._base = fingerprint(root)  # before any unit changes: the base the delta applies to
-        if _is_model_parallel(trainer.strategy):
-            _check_same_base_on_every_rank(self._base, self._who)
+        if is_model_parallel(trainer.strategy):
+            check_same_base_on_every_rank(self._base, self._who)
         self._root = weakref.ref(root)
         self._setup_configuration = self._configuration()
         self._fresh = True
@@ -209,7 +215,7 @@ class ScheduledSelection(MethodCallback):
             found = resolve_always_on(root, (*preset.always_on, *preset.head))
             what = ", ".join(found) or "nothing"
         else:  # no preset: every parameter outside the blocks trains, as in LMFlow and axolotl
-            found = _outside(root, unit_ids)
+            found = outside_params(root, unit_ids)
             what = f"every parameter outside the blocks ({', '.join(found) or 'none'})"
         names = {id(p): n for n, p in params.items()}
         self._always_params = []
@@ -272,7 +278,7 @@ class ScheduledSelection(MethodCallback):
         none for the units frozen when it was saved). With only the always-on modules trainable that load is
         exact for them; ``on_train_start`` then reads the active units' own state.
         """
-        if self.core is None or not _is_model_parallel(trainer.strategy):
+        if self.core is None or not is_model_parallel(trainer.strategy):
             return
         self._bound_root()
         for params in self._units:
@@ -286,8 +292,8 @@ class ScheduledSelection(MethodCallback):
         self._bound_root()  # the parameters the optimizer holds (FSDP2's sharded ones, if configure_model sharded)
         for p in self._always:
             p.requires_grad_(True)
-        if _is_model_parallel(trainer.strategy):
-            _check_sharded(self._names, [p for params in self._units for p in params] + self._always, self._who)
+        if is_model_parallel(trainer.strategy):
+            check_sharded(self._names, [p for params in self._units for p in params] + self._always, self._who)
         in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
         missing = [p for params in self._units for p in params if id(p) not in in_optimizer]
         missing += [p for p in self._always if id(p) not in in_optimizer]
@@ -303,7 +309,7 @@ class ScheduledSelection(MethodCallback):
             self._pending = None
         self._interval_index = -1
         self._switch(trainer, trainer.global_step)
-        if trainer.ckpt_path is not None and _is_model_parallel(trainer.strategy):
+        if trainer.ckpt_path is not None and is_model_parallel(trainer.strategy):
             self._load_active_optimizer_state(trainer, pl_module, trainer.ckpt_path)
 
     def _load_active_optimizer_state(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: Any) -> None:
@@ -420,65 +426,3 @@ class ScheduledSelection(MethodCallback):
             )
         self.counts = counts or self.counts
         self.history = [(int(s), [int(i) for i in a]) for s, a in state.get("history") or []]
-
-
-def _outside(root: nn.Module, unit_ids: set[int]) -> list[str]:
-    """The fewest dotted names (modules whole, else single parameters) that cover every parameter outside the units."""
-    names: list[str] = []
-
-    def walk(prefix: str, module: nn.Module) -> None:
-        names.extend(prefix + n for n, p in module.named_parameters(recurse=False) if id(p) not in unit_ids)
-        for child_name, child in module.named_children():
-            ids = {id(p) for p in child.parameters()}
-            if not ids:
-                continue
-            if ids.isdisjoint(unit_ids):
-                names.append(prefix + child_name)
-            else:
-                walk(f"{prefix}{child_name}.", child)
-
-    walk("", root)
-    return names
-
-
-def _is_model_parallel(strategy: object) -> bool:
-    return type(strategy).__name__ == "ModelParallelStrategy"
-
-
-def _check_data_parallel_only(strategy: object, who: str) -> None:
-    """Refuse ``ModelParallelStrategy`` with tensor parallelism (``lightning_peft.shard`` shards data-parallel only)."""
-    size = getattr(strategy, "_tensor_parallel_size", 1)
-    if _is_model_parallel(strategy) and isinstance(size, int) and size > 1:
-        raise NotImplementedError(
-            f"{who} under ModelParallelStrategy runs data-parallel FSDP2 only, got tensor_parallel_size={size}: "
-            "tensor parallelism splits every block across ranks along other dimensions than FSDP2's, and "
-            "lightning_peft.shard refuses it. Use ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)."
-        )
-
-
-def _check_same_base_on_every_rank(base: dict[str, Any], who: str) -> None:
-    """FSDP2 shards each rank's own copy (no broadcast, unlike DDP): the ranks must start from the same weights."""
-    if not distributed.is_distributed():
-        return
-    same = torch.tensor([float(distributed.broadcast_object(base["sha256"]) == base["sha256"])])
-    if distributed.all_reduce(same, "min").item() < 1:
-        raise ValueError(
-            f"{who} under ModelParallelStrategy: the ranks hold different base weights before sharding (their "
-            "fingerprints differ). fully_shard keeps each rank's own slice of its own copy, so the sharded model "
-            "would be a mix of them and the saved delta would not apply to any of them. Build or load the same "
-            "weights on every rank (e.g. from_pretrained, or seed the initialisation)."
-        )
-
-
-def _check_sharded(names: dict[int, str], params: Sequence[nn.Parameter], who: str) -> None:
-    """Under several FSDP2 ranks every parameter the callback trains must be managed by FSDP2 (a ``DTensor``)."""
-    if not distributed.is_distributed():
-        return
-    plain = [names.get(id(p), "?") for p in params if not distributed.is_dtensor(p)]
-    if plain:
-        raise ValueError(
-            f"{who} under ModelParallelStrategy: {len(plain)} parameter(s) it trains are not sharded by FSDP2 (first: "
-            f"{plain[0]}); nothing would average their gradients across ranks, so the ranks would drift apart. "
-            "Call lightning_peft.shard(self.model, self.device_mesh) in configure_model (it shards every block, then "
-            "the root), as the lightning_peft.tasks modules do."
-        )

@@ -25,6 +25,7 @@ from lightning_peft.adapters.ssf import (
 from lightning_peft.adapters.ssf.layer import _PREFIX as SSF_PREFIX
 from lightning_peft.backbones import Preset
 from lightning_peft.callbacks.lora import LoRA
+from lightning_peft.strategies import check_data_parallel_only, is_model_parallel
 
 __all__ = ["SSF"]
 
@@ -170,13 +171,8 @@ def _check_strategy(strategy: object) -> None:
 
     if isinstance(strategy, DDPStrategy | SingleDeviceStrategy):
         return
-    if type(strategy).__name__ == "ModelParallelStrategy":
-        size = getattr(strategy, "_tensor_parallel_size", 1)
-        if isinstance(size, int) and size > 1:
-            raise NotImplementedError(
-                f"SSF under ModelParallelStrategy runs data-parallel FSDP2 only, got tensor_parallel_size={size}. "
-                "Use ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)"
-            )
+    if is_model_parallel(strategy):
+        check_data_parallel_only(strategy, "SSF")
         return
     raise NotImplementedError(
         f"SSF does not support {type(strategy).__name__} (its multi-process tests cover DDP and FSDP2). Use one "
