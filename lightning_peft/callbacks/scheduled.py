@@ -7,6 +7,10 @@ steps, frees the gradient and the optimizer state of a unit that goes frozen, ch
 or data-parallel FSDP2) and reads back, on an FSDP2 resume, the optimizer state of the units active at the resumed
 step, counts the steps each unit trained, keeps the history of the draws, saves the tensors that trained as a dense
 delta with the base fingerprint taken before training, and puts the callback's state through ``state_dict``.
+
+It is one class (about 430 lines): its hooks share the binding of units to parameters, the freeze flags and the
+counts, and the parts that stand alone (the FSDP2 preconditions, the tree walk for always-on modules) live in
+:mod:`lightning_peft.strategies` and :mod:`lightning_peft.backbones.blocks`.
 """
 
 from __future__ import annotations
