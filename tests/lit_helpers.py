@@ -49,6 +49,17 @@ class FamilyModule(pl.LightningModule):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
 
 
+class PairModule(FamilyModule):
+    """Batch ``k`` holds the seeds both DDP ranks trained on at step ``k``: one process sees what they saw together."""
+
+    def __init__(self, seeds: list[list[int]], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.pairs = [list(pair) for pair in zip(*seeds, strict=True)]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.pairs, batch_size=None, shuffle=False)
+
+
 def quiet_trainer(**kwargs) -> pl.Trainer:
     """A CPU trainer with no progress bar, summary, logger or checkpointing unless asked for."""
     defaults = dict(

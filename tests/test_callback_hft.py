@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lit_helpers import FamilyModule, quiet_trainer, run_two_ranks
+from lit_helpers import FamilyModule, PairModule, quiet_trainer, run_two_ranks
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -254,20 +254,9 @@ def test_resume_with_another_configuration_is_refused(tmp_path) -> None:
     assert {n: p.requires_grad for n, p in fresh.named_parameters()} == flags
 
 
-class PairModule(FamilyModule):
-    """Batch ``k`` holds the seeds both DDP ranks trained on at step ``k``: one process sees what they saw together."""
-
-    def __init__(self, seeds: list[list[int]], **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.pairs = [list(pair) for pair in zip(*seeds, strict=True)]
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.pairs, batch_size=None, shuffle=False)
-
-
 @pytest.mark.slow
 def test_ddp_selective_keeps_ranks_identical_and_equals_one_process(tmp_path) -> None:
-    ranks, logs = run_two_ranks("ddp_hft.py", tmp_path)
+    ranks, logs = run_two_ranks("ddp_scheduled.py", tmp_path, "ddp_selective", "hft")
     assert logs[0]["step"] == logs[1]["step"] == 8
     assert set(logs[0]["seeds"]).isdisjoint(logs[1]["seeds"]), "ranks saw the same data: not a real DDP test"
     selector = HalfSelector([[4, 3, 2], [4, 3, 2]], interval=2, seed=0)
@@ -287,7 +276,7 @@ def test_ddp_selective_keeps_ranks_identical_and_equals_one_process(tmp_path) ->
 
 @pytest.mark.slow
 def test_plain_ddp_is_refused_with_the_fix(tmp_path) -> None:
-    _ = run_two_ranks("ddp_hft.py", tmp_path, "ddp")
+    _ = run_two_ranks("ddp_scheduled.py", tmp_path, "ddp", "hft")
     assert "ddp_selective" in (tmp_path / "error0.txt").read_text()
     assert not (tmp_path / "rank0.safetensors").exists()
 

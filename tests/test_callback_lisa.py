@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lit_helpers import FamilyModule, quiet_trainer, run_two_ranks
+from lit_helpers import FamilyModule, PairModule, quiet_trainer, run_two_ranks
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -339,20 +339,9 @@ def test_a_model_no_preset_knows_trains_every_parameter_outside_the_blocks(tmp_p
     assert "model.classifier.weight" in changed and not any("embeddings" in n for n in changed)
 
 
-class PairModule(FamilyModule):
-    """Batch ``k`` holds the seeds both DDP ranks trained on at step ``k``: one process sees what they saw together."""
-
-    def __init__(self, seeds: list[list[int]], **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.pairs = [list(pair) for pair in zip(*seeds, strict=True)]
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.pairs, batch_size=None, shuffle=False)
-
-
 @pytest.mark.slow
 def test_ddp_selective_keeps_ranks_identical_and_equals_one_process(tmp_path) -> None:
-    ranks, logs = run_two_ranks("ddp_lisa.py", tmp_path)
+    ranks, logs = run_two_ranks("ddp_scheduled.py", tmp_path)
     assert logs[0]["step"] == logs[1]["step"] == 8
     assert set(logs[0]["seeds"]).isdisjoint(logs[1]["seeds"]), "ranks saw the same data: not a real DDP test"
     sampler = LayerSampler(2, 1, 2, seed=0)
@@ -372,7 +361,7 @@ def test_ddp_selective_keeps_ranks_identical_and_equals_one_process(tmp_path) ->
 
 @pytest.mark.slow
 def test_plain_ddp_is_refused_with_the_fix(tmp_path) -> None:
-    _ = run_two_ranks("ddp_lisa.py", tmp_path, "ddp")
+    _ = run_two_ranks("ddp_scheduled.py", tmp_path, "ddp")
     assert "ddp_selective" in (tmp_path / "error0.txt").read_text()
     assert not (tmp_path / "rank0.safetensors").exists()
 
@@ -384,9 +373,9 @@ def test_selective_ddp_strategy_is_registered() -> None:
 
 @pytest.mark.slow
 def test_what_the_refusal_says_is_what_plain_ddp_does(tmp_path) -> None:
-    _, logs = run_two_ranks("ddp_lisa.py", tmp_path / "plain", "ddp_unchecked")
+    _, logs = run_two_ranks("ddp_scheduled.py", tmp_path / "plain", "ddp_unchecked")
     assert "parameters that were not used in producing the loss" in (tmp_path / "plain" / "error0.txt").read_text()
-    ranks, logs = run_two_ranks("ddp_lisa.py", tmp_path / "unused", "ddp_find_unused")
+    ranks, logs = run_two_ranks("ddp_scheduled.py", tmp_path / "unused", "ddp_find_unused")
     assert logs[0]["step"] == logs[1]["step"] == 8  # with find_unused_parameters=True it trains, ranks equal
     for key in ranks[0]:
         torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0, msg=f"{key} differs across ranks")

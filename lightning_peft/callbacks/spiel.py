@@ -243,7 +243,6 @@ class SpIEL(SparseMethod):
                 drop, grow = self.selector.regrow(f"{name}:{pname}", active, bank.values[slots], p)
                 if not drop.numel():
                     continue
-                bank.values.index_fill_(0, slots[torch.isin(active, drop)], 0.0)  # dropped: back to the base value
                 dropped = drop.sort().values
                 freed = layer.retire(pname, dropped)
                 layer.forget(pname, dropped)  # back at the base value: out of the bookkeeping too
