@@ -49,6 +49,24 @@ class FamilyModule(pl.LightningModule):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
 
 
+class TrainableWatch(pl.Callback):
+    """At every optimizer step: what requires grad, what has a gradient, which parameters have optimizer state."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        self.steps.append(
+            {
+                "step": trainer.global_step,
+                "trainable": {n for n, p in pl_module.named_parameters() if p.requires_grad},
+                "with_grad": {n for n, p in pl_module.named_parameters() if p.grad is not None},
+                "state": {names[id(p)] for p in optimizer.state},
+            }
+        )
+
+
 class PairModule(FamilyModule):
     """Batch ``k`` holds the seeds both DDP ranks trained on at step ``k``: one process sees what they saw together."""
 

@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lit_helpers import FamilyModule, PairModule, quiet_trainer, run_two_ranks
+from lit_helpers import TrainableWatch as Watch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -18,24 +19,6 @@ from lightning_peft.strategies import SelectiveDDPStrategy, check_dynamic_strate
 
 BLOCKS = ["model.model.layers.0", "model.model.layers.1"]
 ALWAYS = ("model.model.embed_tokens.", "model.model.norm.", "model.lm_head.")
-
-
-class Watch(Callback):
-    """At every optimizer step: what requires grad, what has a gradient, which parameters have optimizer state."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict] = []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        names = {id(p): n for n, p in pl_module.named_parameters()}
-        self.steps.append(
-            {
-                "step": trainer.global_step,
-                "trainable": {n for n, p in pl_module.named_parameters() if p.requires_grad},
-                "with_grad": {n for n, p in pl_module.named_parameters() if p.grad is not None},
-                "state": {names[id(p)] for p in optimizer.state},
-            }
-        )
 
 
 def block_of(name: str) -> int | None:
